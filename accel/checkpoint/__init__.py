@@ -1,0 +1,1 @@
+"""Checkpoint formats: streaming readers and writers, one tensor at a time."""

@@ -1,0 +1,41 @@
+"""`accel`: the command line. Each command is a module in accel.commands with `register(subparsers)`;
+errors the user can act on (AccelError) print one line and exit with code 2, with no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from accel import __version__
+from accel.errors import AccelError
+
+COMMANDS = ("targets", "models", "infer", "generate", "conformance")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accel",
+        description="Port LLMs between accelerators and prove they still compute the same thing.",
+    )
+    parser.add_argument("--version", action="version", version=f"accel-port {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"accel.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except AccelError as e:
+        print(f"accel {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"accel {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Running a model on a target: weights onto the device, a prefill forward, greedy generation with the
+KV cache (and without it, by full recomputation, as its check)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from accel.errors import UsageError
+
+
+def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """Weights onto the backend's device, float tensors cast to `dtype` (other tensors keep theirs)."""
+    backend.check_dtype(dtype)
+    return {k: backend.asarray(v, dtype if np.asarray(v).dtype.kind in "fV" else None) for k, v in params.items()}
+
+
+def check_ids(model: Any, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise UsageError("input ids must be a non-empty sequence of token ids")
+    bad = ids[(ids < 0) | (ids >= model.vocab_size)]
+    if bad.size:
+        raise UsageError(f"token id {int(bad[0])} is outside the vocabulary (0..{model.vocab_size - 1})")
+    return ids
+
+
+def forward_fn(model: Any, backend: Any) -> Any:
+    """The model's forward bound to the backend's ops, through the backend's compile step."""
+
+    def forward(params: Mapping[str, Any], input_ids: Any, cache: Any = None, taps: Any = None) -> Any:
+        return model.forward(backend.ops, params, input_ids, cache=cache, taps=taps)
+
+    return backend.compile(forward)
+
+
+def infer(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray) -> np.ndarray:
+    """Prefill logits (b, s, vocab) as float32 NumPy."""
+    ids = check_ids(model, ids)
+    logits = forward_fn(model, backend)(params, backend.asarray(ids, "int64"))
+    return np.asarray(backend.to_numpy(logits), dtype=np.float32)
+
+
+def generate(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray, max_new_tokens: int,
+             use_cache: bool = True) -> np.ndarray:
+    """Greedy decoding: (b, max_new_tokens) new token ids. With the KV cache, a prefill then one token
+    per step; without, the whole sequence is recomputed each step (the check of the cache)."""
+    ids = check_ids(model, ids)
+    forward = forward_fn(model, backend)
+    out = []
+    if use_cache:
+        cache = model.new_cache()
+        logits = forward(params, backend.asarray(ids, "int64"), cache)
+        for step in range(max_new_tokens):
+            nxt = np.argmax(np.asarray(backend.to_numpy(logits), dtype=np.float32)[:, -1], axis=-1)  # (b,)
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = forward(params, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
+    else:
+        seq = ids
+        for _ in range(max_new_tokens):
+            logits = forward(params, backend.asarray(seq, "int64"))
+            nxt = np.argmax(np.asarray(backend.to_numpy(logits), dtype=np.float32)[:, -1], axis=-1)
+            out.append(nxt)
+            seq = np.concatenate([seq, nxt[:, None]], axis=1)
+    return np.stack(out, axis=1) if out else np.zeros((ids.shape[0], 0), np.int64)

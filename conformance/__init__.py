@@ -1,0 +1,1 @@
+"""The conformance suite, installed as `accel.conformance`: cases, metrics, tolerances, runner, reports."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny checkpoints written in the exact HF layout by the original implementations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+os.environ.pop("ACCEL_TARGET", None)
+os.environ.pop("ACCEL_OPS", None)
+
+QWEN2_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=128, rms_norm_eps=1e-6)
+
+
+def save_hf_qwen2(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random Qwen2ForCausalLM saved with save_pretrained (float32, safetensors)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    max_shard_size = overrides.pop("max_shard_size", "2GB")
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**(QWEN2_TINY | overrides))
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises biases and norms to 0/1; randomise so that mistakes show
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return save_hf_qwen2(tmp_path_factory.mktemp("qwen2") / "qwen2-hf")
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accel ARGS` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)

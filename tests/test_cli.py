@@ -1,0 +1,115 @@
+"""The CLI: the listing commands, and bad input as one-line errors with exit code 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from accel.checkpoint import safetensors
+from tests.conftest import run_cli
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_targets_lists_availability_and_reasons():
+    r = run_cli("targets", "--json")
+    assert r.returncode == 0, r.stderr
+    by_name = {t["target"]: t for t in json.loads(r.stdout)["targets"]}
+    assert by_name["torch:cpu"]["available"] and "float32" in by_name["torch:cpu"]["dtypes"]
+    assert not by_name["torch:cuda"]["available"] and by_name["torch:cuda"]["reason"]
+    table = run_cli("targets").stdout
+    assert "torch:npu" in table and "torch_npu is not installed" in table
+
+
+def test_models_lists_presets_with_counts():
+    r = run_cli("models", "--json")
+    rows = {m["preset"]: m for m in json.loads(r.stdout)["models"]}
+    assert rows["qwen2-7b"]["parameters"] > 7e9 and "qwen2-tiny" in rows
+
+
+def test_preset_model_runs(tmp_path):
+    r = run_cli("generate", "--model", "qwen2-tiny", "--input-ids", "1,2,3", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["new_tokens"]) == 4
+
+
+@pytest.fixture
+def broken(qwen2_dir, tmp_path):
+    """A copy of the tiny checkpoint to damage."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(qwen2_dir, d)
+    return d
+
+
+def _rewrite(directory, edit):
+    f = safetensors.SafetensorsFile(directory / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in f.items()}
+    edit(tensors)
+    safetensors.write(directory / "model.safetensors", tensors)
+
+
+def test_missing_model_dir(tmp_path):
+    r = run_cli("infer", "--model", str(tmp_path / "nope"), "--input-ids", "1,2", "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "does not exist")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_unknown_model_type(broken, tmp_path):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (broken / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("infer", "--model", str(broken), "--input-ids", "1", "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "gpt_neox", "supported")
+
+
+def test_missing_tensor(broken, tmp_path):
+    _rewrite(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    r = run_cli("infer", "--model", str(broken), "--input-ids", "1", "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "model.layers.1.mlp.up_proj.weight", "missing")
+
+
+def test_wrong_shape(broken, tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:16]
+    _rewrite(broken, edit)
+    r = run_cli("infer", "--model", str(broken), "--input-ids", "1", "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "model.layers.0.self_attn.k_proj.weight", "[16, 64]", "[32, 64]")
+
+
+def test_truncated_safetensors(broken, tmp_path):
+    f = broken / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    r = run_cli("infer", "--model", str(broken), "--input-ids", "1", "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "model.safetensors")
+
+
+@pytest.mark.parametrize("ids", ["5,x,7", "", "1;2", "3,,4"])
+def test_malformed_input_ids(ids, tmp_path):
+    r = run_cli("infer", "--model", "qwen2-tiny", "--input-ids", ids, "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "--input-ids")
+
+
+def test_out_of_vocabulary_id(tmp_path):
+    r = run_cli("generate", "--model", "qwen2-tiny", "--input-ids", "1,999")
+    assert_one_line_error(r, "999", "vocabulary")
+
+
+@pytest.mark.parametrize("target, why", [("torch:cuda", "CUDA"), ("torch:npu", "torch_npu"), ("tpu:0", "backend")])
+def test_unavailable_or_unknown_target(target, why):
+    r = run_cli("generate", "--model", "qwen2-tiny", "--input-ids", "1,2", "--target", target)
+    assert_one_line_error(r, why)
+
+
+def test_unsupported_dtype():
+    r = run_cli("generate", "--model", "qwen2-tiny", "--input-ids", "1,2", "--target", "numpy:cpu",
+                "--dtype", "float16")
+    assert_one_line_error(r, "numpy:cpu", "float16")
