@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from accel import __version__
 from accel.errors import AccelError
 
-COMMANDS = ("targets", "models", "infer", "generate", "conformance")
+# Listed first, in this order, in `accel --help`; every other module of accel.commands follows by name.
+FIRST = ("targets", "models", "infer", "generate", "conformance")
+
+
+def commands() -> list[str]:
+    import accel.commands
+
+    found = [m.name for m in pkgutil.iter_modules(accel.commands.__path__) if not m.name.startswith("_")]
+    return [c for c in FIRST if c in found] + sorted(set(found) - set(FIRST))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"accel-port {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in commands():
         importlib.import_module(f"accel.commands.{name}").register(sub)
     return parser
 

@@ -26,6 +26,14 @@ class BackendEntry:
 BUILTIN: tuple[BackendEntry, ...] = (
     BackendEntry("numpy", "accel.backends.numpy_ref:NumpyBackend", ("cpu",), "numpy ships with accel-port"),
     BackendEntry("torch", "accel.backends.torch_eager:TorchBackend", ("cpu", "cuda", "npu"), "pip install torch"),
+    BackendEntry("torch-compile", "accel.backends.torch_compile:TorchCompileBackend", ("cpu", "cuda", "npu"),
+                 "pip install torch"),
+    BackendEntry("mindspore", "accel.backends.mindspore:MindSporeBackend", ("cpu", "gpu", "ascend"),
+                 "pip install 'accel-port[mindspore]'"),
+    BackendEntry("xla", "accel.backends.xla:XlaBackend", ("cpu", "gpu", "tpu"), "pip install 'accel-port[xla]'"),
+    BackendEntry("onnxruntime", "accel.backends.onnxruntime:OnnxRuntimeBackend", ("cpu", "cuda", "cann"),
+                 "pip install 'accel-port[onnx]'"),
+    BackendEntry("tvm", "accel.backends.tvm:TvmBackend", ("llvm", "cuda"), "pip install 'accel-port[tvm]'"),
 )
 
 

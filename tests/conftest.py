@@ -23,6 +23,7 @@ def save_hf_qwen2(path: Path, seed: int = 0, **overrides) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     max_shard_size = overrides.pop("max_shard_size", "2GB")
+    bin_shards = overrides.pop("bin_shards", 0)
     torch.manual_seed(seed)
     cfg = Qwen2Config(**(QWEN2_TINY | overrides))
     model = Qwen2ForCausalLM(cfg).eval()
@@ -31,7 +32,37 @@ def save_hf_qwen2(path: Path, seed: int = 0, **overrides) -> Path:
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if bin_shards:
+        to_torch_bin(path, bin_shards)
     return path
+
+
+def to_torch_bin(directory: Path, shards: int = 1) -> None:
+    """Rewrite an HF checkpoint's safetensors as pytorch_model.bin in the layout transformers 4 wrote
+    (sharded: pytorch_model-0000i-of-0000n.bin plus pytorch_model.bin.index.json)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state |= load_file(f)
+        f.unlink()
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: state[n] for n in part}, directory / file)
+        weight_map |= dict.fromkeys(part, file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
 @pytest.fixture(scope="session")

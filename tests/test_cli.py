@@ -113,3 +113,25 @@ def test_unsupported_dtype():
     r = run_cli("generate", "--model", "qwen2-tiny", "--input-ids", "1,2", "--target", "numpy:cpu",
                 "--dtype", "float16")
     assert_one_line_error(r, "numpy:cpu", "float16")
+
+
+def test_pickle_that_would_execute_code_is_refused(tmp_path):
+    import pickle
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8,
+                                               "intermediate_size": 8, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2}))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import torch
+
+    torch.save({"x": Evil()}, d / "pytorch_model.bin", _use_new_zipfile_serialization=True, pickle_module=pickle)
+    r = run_cli("infer", "--model", str(d), "--input-ids", "1", "--out", str(tmp_path / "o.npy"))
+    assert_one_line_error(r, "pytorch_model.bin", "safe")
+    assert not marker.exists()

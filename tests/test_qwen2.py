@@ -38,13 +38,19 @@ def test_accel_infer_equals_transformers(qwen2_dir, tmp_path):
     assert np.abs(ref).max() > 0.1  # the comparison is not between two near-zero tensors
 
 
-@pytest.mark.parametrize("layout", ["tied", "sharded"])
-def test_tied_head_and_sharded_checkpoint_equal_transformers(tmp_path, layout):
-    if layout == "tied":
-        directory = save_hf_qwen2(tmp_path / "tied", seed=1, tie_word_embeddings=True)
-    else:
-        directory = save_hf_qwen2(tmp_path / "sharded", seed=2, max_shard_size="100KB")
-        assert (directory / "model.safetensors.index.json").exists()
+LAYOUTS = {
+    "tied": (dict(tie_word_embeddings=True), "model.safetensors"),
+    "sharded": (dict(max_shard_size="100KB"), "model.safetensors.index.json"),
+    "bin": (dict(bin_shards=1), "pytorch_model.bin"),
+    "bin-sharded": (dict(bin_shards=3), "pytorch_model.bin.index.json"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint_layouts_equal_transformers(tmp_path, layout):
+    overrides, marker = LAYOUTS[layout]
+    directory = save_hf_qwen2(tmp_path / layout, seed=1, **overrides)
+    assert (directory / marker).exists()
     model, params = from_pretrained(directory)
     assert model.tie_word_embeddings == (layout == "tied")
     torch_cpu = open_target("torch:cpu", policy={})

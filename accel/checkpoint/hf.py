@@ -1,5 +1,6 @@
-"""A Hugging Face checkpoint directory: config.json plus model.safetensors, or shards listed in
-model.safetensors.index.json. Tensors are read lazily, one at a time."""
+"""A Hugging Face checkpoint directory: config.json plus model.safetensors or pytorch_model.bin, or
+shards listed in model.safetensors.index.json / pytorch_model.bin.index.json. Tensors are read lazily,
+one at a time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from accel.checkpoint.safetensors import SafetensorsFile
+from accel.checkpoint.torch_bin import TorchBinFile
 from accel.errors import CheckpointError, ModelError
 
 
@@ -43,29 +45,42 @@ def _shard_path(directory: Path, name: str, index: Path) -> Path:
 class HFCheckpoint:
     """name -> tensor over every weight file of an HF checkpoint directory."""
 
+    # (single file, index) in order of preference: safetensors needs no unpickling at all
+    LAYOUTS = (("model.safetensors", "model.safetensors.index.json", SafetensorsFile),
+               ("pytorch_model.bin", "pytorch_model.bin.index.json", TorchBinFile))
+
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.files: dict[str, SafetensorsFile] = {}  # tensor name -> the file holding it
-        single = self.directory / "model.safetensors"
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index} is not a valid index (no weight_map)") from None
-            opened: dict[Path, SafetensorsFile] = {}
-            for name, shard_name in weight_map.items():
-                shard = _shard_path(self.directory, shard_name, index)
-                if shard not in opened:
-                    opened[shard] = SafetensorsFile(shard)
-                if name not in opened[shard].entries:
-                    raise CheckpointError(f"{index}: tensor {name!r} is not in its shard {shard_name}")
-                self.files[name] = opened[shard]
-        elif single.is_file():
-            f = SafetensorsFile(single)
-            self.files = dict.fromkeys(f.keys(), f)
-        else:
-            raise CheckpointError(f"{self.directory} has no model.safetensors or model.safetensors.index.json")
+        self.files: dict[str, Any] = {}  # tensor name -> the file holding it
+        for single_name, index_name, opener in self.LAYOUTS:
+            single, index = self.directory / single_name, self.directory / index_name
+            if index.is_file():
+                self._open_index(index, opener)
+                return
+            if single.is_file():
+                f = opener(single)
+                self.files = dict.fromkeys(f.keys(), f)
+                return
+        raise CheckpointError(f"{self.directory} has no model.safetensors, pytorch_model.bin "
+                              "or a sharded index of them")
+
+    def _open_index(self, index: Path, opener: Any) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a valid index (no weight_map object)") from None
+        opened: dict[Path, Any] = {}
+        for name, shard_name in weight_map.items():
+            if not isinstance(shard_name, str):
+                raise CheckpointError(f"{index}: shard of tensor {name!r} is not a file name")
+            shard = _shard_path(self.directory, shard_name, index)
+            if shard not in opened:
+                opened[shard] = opener(shard)
+            if name not in opened[shard].keys():
+                raise CheckpointError(f"{index}: tensor {name!r} is not in its shard {shard_name}")
+            self.files[name] = opened[shard]
 
     def keys(self) -> list[str]:
         return list(self.files)

@@ -1,0 +1,1 @@
+"""Datasets: MindRecord shards and the batches fed to training on any backend."""
