@@ -1,67 +1,82 @@
-"""Running one case on one target and judging it: op-level cases against the NumPy float64 oracle,
-model inference (prefill logits) and generation (greedy tokens with the KV cache) against numpy:cpu.
-A failing model case is localised: its taps are compared layer by layer with the reference's and the
-first tap (and the op that produced it) past tolerance is named."""
+"""Running one case on one target and judging it.
+
+Case kinds: op-level (one op against its NumPy float64 oracle), inference (prefill logits against the
+numpy:cpu reference model) and generation (greedy tokens with the KV cache against full recomputation
+on the reference). Training, checkpoint and collective cases live in their own modules and register in
+CASE_KINDS the same way.
+
+Expected values come from the float64 oracle computed here, or from a golden record written on another
+machine (`Context.golden`); outputs can be recorded to write one (`Context.recorder`). A failing model
+case is localised: its taps are compared layer by layer and the first tap out of tolerance is named
+with the op that produced it.
+"""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accel.conformance.metrics import compare, exact
+from accel.conformance.op_cases import CASES as OP_CASES
 from accel.conformance.op_cases import OpCase
+from accel.conformance.tolerances import LOW_PRECISION, judge, needs_reference_device
 
 from accel.dtypes import to_numpy_dtype
 from accel.errors import ConformanceError
 from accel.ops import reference
 
 STATUSES = ("pass", "fail", "known-failure", "skipped", "crashed", "timeout")
+REFERENCE_DEVICE = "torch:cpu"  # judges low precision: a target may be at most `ratio` times worse
 
 
 @dataclass
 class Row:
     target: str
-    case: str  # ops | inference | generation | ...
+    case: str  # ops | inference | generation | training | checkpoints | collectives
     model: str  # the model preset, or op[shape] for op-level cases
     dtype: str
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
     first_divergence: dict[str, Any] | None = None
     detail: str = ""
+    series: dict[str, list[float]] = field(default_factory=dict)  # per-layer errors, per-step losses
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-
-@lru_cache(maxsize=1)
-def tolerances() -> dict[str, dict[str, dict[str, float]]]:
-    import yaml
-
-    return yaml.safe_load((Path(__file__).parent / "tolerances.yaml").read_text())
+    @property
+    def case_id(self) -> str:
+        return f"{self.case}/{self.model}/{self.dtype}"
 
 
-def judge(check: str, dtype: str, m: dict[str, float]) -> str | None:
-    """None when the metrics are within the tolerances of `check` at `dtype`, else what is out."""
-    try:
-        tol = tolerances()[check][dtype]
-    except KeyError:
-        raise ConformanceError(f"tolerances.yaml has no entry for {check}/{dtype}") from None
-    if m.get("nonfinite_mismatch", 0):
-        return f"{int(m['nonfinite_mismatch'])} non-finite value(s) where the reference is finite"
-    bound = tol["atol"] + tol["rtol"] * m["ref_max_abs"]
-    if m["max_abs"] > bound:
-        return f"max abs error {m['max_abs']:.3g} > {bound:.3g}"
-    if m["cosine"] < tol["cosine"]:
-        return f"cosine {m['cosine']:.9f} < {tol['cosine']}"
-    return None
+@dataclass
+class Context:
+    """Where expected values come from, and where outputs go, for the cases of one run."""
+
+    golden: Any = None  # a golden.GoldenRecord: expected values and the recording device's errors
+    recorder: Any = None  # a golden.Recorder: inputs/outputs to write as a golden record
+    _reference_device: Any = None
+
+    def reference_device(self) -> Any:
+        if self._reference_device is None:
+            from accel.targets import open_target
+
+            self._reference_device = open_target(REFERENCE_DEVICE, policy={})
+        return self._reference_device
 
 
-def _seed(*parts: str) -> int:
+def seed_of(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode())
+
+
+def _skip(backend: Any, case: str, name: str, dtype: str) -> Row | None:
+    if dtype not in backend.capabilities().dtypes:
+        return Row(backend.target, case, name, dtype, "skipped", detail=f"{backend.target} does not support {dtype}")
+    return None
 
 
 # --- op-level -------------------------------------------------------------------------------------
@@ -89,117 +104,277 @@ def _flat(backend: Any, out: Any) -> np.ndarray:
     return np.asarray(backend.to_numpy(out))
 
 
-def run_op_case(backend: Any, case: OpCase, dtype: str) -> Row:
-    name = f"{case.op}[{case.shape}]"
-    if dtype not in backend.capabilities().dtypes:
-        return Row(backend.target, "ops", name, dtype, "skipped", detail=f"{dtype} not supported")
-    args, kwargs = case.make(np.random.default_rng(_seed(case.op, case.shape)))
-    args, kwargs = [_round(a, dtype) for a in args], {k: _round(v, dtype) for k, v in kwargs.items()}
-    expected = reference(case.op)(*args, **kwargs)
-    expected = np.concatenate([np.ravel(e) for e in expected]) if isinstance(expected, list | tuple) else expected
+def _arrays(args: list[Any], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The array inputs of a call by position ("arg0", "arg1.2" for lists, "kw.mask")."""
+    out = {}
+    for key, value in [*((f"arg{i}", a) for i, a in enumerate(args)), *((f"kw.{k}", v) for k, v in kwargs.items())]:
+        if isinstance(value, np.ndarray):
+            out[key] = value
+        elif isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+            out |= {f"{key}.{j}": a for j, a in enumerate(value)}
+    return out
+
+
+def _replace_arrays(args: list[Any], kwargs: dict[str, Any], stored: dict[str, np.ndarray]) -> None:
+    """Puts stored arrays back at the positions `_arrays` named them by."""
+    for key, a in stored.items():
+        parts = key.split(".")
+        container: Any
+        if parts[0] == "kw":
+            container, slot, rest = kwargs, parts[1], parts[2:]
+        else:
+            container, slot, rest = args, int(parts[0][3:]), parts[1:]
+        if rest:
+            container[slot][int(rest[0])] = a
+        else:
+            container[slot] = a
+
+
+def op_inputs(case: OpCase, dtype: str) -> tuple[list[Any], dict[str, Any]]:
+    args, kwargs = case.make(np.random.default_rng(seed_of(case.op, case.shape)))
+    return [_round(a, dtype) for a in args], {k: _round(v, dtype) for k, v in kwargs.items()}
+
+
+def _op_output(backend: Any, case: OpCase, args: list[Any], kwargs: dict[str, Any], dtype: str) -> np.ndarray:
     dev_args = [_to_device(backend, a, dtype) for a in args]
     dev_kwargs = {k: _to_device(backend, v, dtype) for k, v in kwargs.items()}
-    actual = _flat(backend, getattr(backend.ops, case.op)(*dev_args, **dev_kwargs))
-    if case.exact:
-        want = np.asarray(expected).astype(actual.dtype) if case.op != "cast" else np.asarray(expected)
-        ok = exact(actual.ravel(), want.ravel())
-        return Row(backend.target, "ops", name, dtype, "pass" if ok else "fail", compare(actual, expected),
-                   detail="" if ok else "not bit-exact")
+    return _flat(backend, getattr(backend.ops, case.op)(*dev_args, **dev_kwargs))
+
+
+def run_op_case(backend: Any, case: OpCase, dtype: str, ctx: Context | None = None) -> Row:
+    ctx = ctx or Context()
+    name = f"{case.op}[{case.shape}]"
+    if (skipped := _skip(backend, "ops", name, dtype)) is not None:
+        return skipped
+    case_id = f"ops/{name}/{dtype}"
+    args, kwargs = op_inputs(case, dtype)
+    ref_metrics = None
+    if ctx.golden is not None:
+        _replace_arrays(args, kwargs, ctx.golden.inputs(case_id))
+        expected = ctx.golden.expected(case_id)
+        ref_metrics = ctx.golden.metrics(case_id)
+    else:
+        out = reference(case.op)(*args, **kwargs)
+        expected = np.concatenate([np.ravel(e) for e in out]) if isinstance(out, list | tuple) else np.asarray(out)
+    actual = _op_output(backend, case, args, kwargs, dtype)
     m = compare(actual, expected, dtype)
-    problem = judge("ops", dtype, m)
+    if ctx.recorder is not None:
+        ctx.recorder.add(case_id, _arrays(args, kwargs), expected, actual, m)
+    if case.exact:
+        want = np.asarray(expected) if case.op == "cast" else np.asarray(expected).astype(actual.dtype)
+        ok = exact(actual.ravel(), want.ravel())
+        return Row(backend.target, "ops", name, dtype, "pass" if ok else "fail", m,
+                   detail="" if ok else "not bit-exact")
+    if ref_metrics is None and needs_reference_device("ops", dtype) and backend.target != REFERENCE_DEVICE:
+        device = ctx.reference_device()
+        ref_metrics = compare(_op_output(device, case, args, kwargs, dtype), expected, dtype)
+    problem = judge("ops", dtype, m, ref_metrics)
     return Row(backend.target, "ops", name, dtype, "fail" if problem else "pass", m, detail=problem or "")
 
 
 # --- model cases ----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=8)
-def _model(preset: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+@lru_cache(maxsize=16)
+def model_inputs(preset: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """The preset's seeded weights (float32) and a batch of 2 x 12 token ids."""
     from accel.models import from_preset
 
     model, params = from_preset(preset, seed=0)
-    ids = np.random.default_rng(_seed(preset, "ids")).integers(0, model.vocab_size, (2, 12))
+    ids = np.random.default_rng(seed_of(preset, "ids")).integers(0, model.vocab_size, (2, 12))
     return model, params, ids
 
 
+def _golden_model_inputs(ctx: Context, preset: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    model, params, ids = model_inputs(preset)
+    if ctx.golden is None:
+        return model, params, ids
+    stored = ctx.golden.inputs(f"models/{preset}")
+    return model, {k: stored[f"param.{k}"] for k in params}, stored["input_ids"]
+
+
 @lru_cache(maxsize=1)
-def _reference_backend() -> Any:
-    from accel.backends.numpy_ref import NumpyBackend
+def _numpy() -> Any:
+    from accel.targets import open_target
 
-    return NumpyBackend("cpu")
+    return open_target("numpy:cpu", policy={})
 
 
-@lru_cache(maxsize=8)
-def _reference_run(preset: str) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
+def _forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray,
+                       dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
     from accel.models._layers import Taps
 
     from accel.runtime import place
 
-    model, params, ids = _model(preset)
-    ref = _reference_backend()
     taps = Taps()
-    logits = model.forward(ref.ops, place(ref, params, "float64"), ref.asarray(ids), taps=taps)
-    return np.asarray(logits), dict(taps), dict(taps.ops)
+    device_params = place(backend, params, dtype)
+    run = backend.compile(lambda p, x: model.forward(backend.ops, p, x, taps=taps))
+    logits = run(device_params, backend.asarray(ids, "int64"))
+    as_np = {k: np.asarray(backend.to_numpy(v), dtype=np.float64) for k, v in taps.items()}
+    return np.asarray(backend.to_numpy(logits), dtype=np.float64), as_np, dict(taps.ops)
 
 
-def localise(backend: Any, preset: str, dtype: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The first tap (in forward order) whose output is out of tolerance against the reference."""
-    from accel.models._layers import Taps
+_REFERENCE_RUNS: dict[tuple[str, int], tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]] = {}
 
-    model, _, ids = _model(preset)
-    _, ref_taps, ref_ops = _reference_run(preset)
-    taps = Taps()
-    backend.compile(lambda: model.forward(backend.ops, params, backend.asarray(ids, "int64"), taps=taps))()
+
+def _reference_run(model: Any, params: dict[str, np.ndarray], ids: np.ndarray, key: str):
+    """float64 logits and taps of the numpy:cpu reference (cached per preset and input)."""
+    cache_key = (key, zlib.crc32(ids.tobytes()))
+    if cache_key not in _REFERENCE_RUNS:
+        _REFERENCE_RUNS[cache_key] = _forward_with_taps(_numpy(), model, params, ids, "float64")
+    return _REFERENCE_RUNS[cache_key]
+
+
+def localise(taps: dict[str, np.ndarray], ref_taps: dict[str, np.ndarray], ops_of: dict[str, str], dtype: str,
+             device_taps: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any] | None, list[float]]:
+    """(the first tap, in forward order, out of tolerance against the reference; max abs error per
+    layer). `device_taps`: the reference device's taps, for the low-precision ratio rule."""
+    first = None
+    per_layer: dict[int, float] = {}
     for name, expected in ref_taps.items():
         if name not in taps:
-            return {"tap": name, "op": ref_ops[name], "detail": "tap missing on the target"}
-        m = compare(np.asarray(backend.to_numpy(taps[name]), dtype=np.float64), expected, dtype)
-        problem = judge("inference", dtype, m)
-        if problem:
-            layer = name.split(".")[1] if name.startswith("layers.") else None
-            return {"tap": name, "op": ref_ops[name], "layer": layer, "detail": problem,
-                    "cosine": m["cosine"], "max_abs": m["max_abs"]}
-    return None
+            first = first or {"tap": name, "op": ops_of.get(name, "?"), "layer": None, "detail": "tap missing"}
+            continue
+        m = compare(taps[name], expected, dtype)
+        if name.startswith("layers."):
+            layer = int(name.split(".")[1])
+            per_layer[layer] = max(per_layer.get(layer, 0.0), m["max_abs"])
+        ref_m = compare(device_taps[name], expected, dtype) if device_taps is not None else None
+        problem = judge("taps", dtype, m, ref_m)
+        if problem and first is None:
+            layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+            first = {"tap": name, "op": ops_of.get(name, "?"), "layer": layer, "detail": problem,
+                     "cosine": m["cosine"], "max_abs": m["max_abs"]}
+    return first, [per_layer[i] for i in sorted(per_layer)]
 
 
-def run_inference_case(backend: Any, preset: str, dtype: str) -> Row:
-    from accel.runtime import infer, place
+def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | None = None) -> Row:
+    ctx = ctx or Context()
+    if (skipped := _skip(backend, "inference", preset, dtype)) is not None:
+        return skipped
+    model, params, ids = _golden_model_inputs(ctx, preset)
+    case_id = f"inference/{preset}/{dtype}"
+    ref_logits, ref_taps, ops_of = _reference_run(model, params, ids, preset)
+    logits, taps, _ = _forward_with_taps(backend, model, params, ids, dtype)
+    expected = ctx.golden.expected(case_id) if ctx.golden is not None else ref_logits
+    m = compare(logits, expected, dtype)
+    device_taps = ref_m = None
+    if ctx.golden is not None:
+        ref_m = ctx.golden.metrics(case_id)
+        m |= {f"vs_golden_{k}": v for k, v in compare(logits, ctx.golden.actual(case_id), dtype).items()
+              if k in ("cosine", "max_abs")}
+    elif needs_reference_device("inference", dtype) and backend.target != REFERENCE_DEVICE:
+        dev_logits, device_taps, _ = _forward_with_taps(ctx.reference_device(), model, params, ids, dtype)
+        ref_m = compare(dev_logits, expected, dtype)
+    if ctx.recorder is not None:
+        ctx.recorder.add_model(preset, params, ids)
+        ctx.recorder.add(case_id, {}, expected, logits, compare(logits, expected, dtype))
+    problem = judge("inference", dtype, m, ref_m)
+    first, per_layer = localise(taps, ref_taps, ops_of, dtype, device_taps)
+    row = Row(backend.target, "inference", preset, dtype, "fail" if problem else "pass", m, detail=problem or "",
+              series={"layer_max_abs": per_layer})
+    if problem:
+        row.first_divergence = first
+    return row
 
-    if dtype not in backend.capabilities().dtypes:
-        return Row(backend.target, "inference", preset, dtype, "skipped", detail=f"{dtype} not supported")
-    model, params, ids = _model(preset)
-    expected, _, _ = _reference_run(preset)
-    device_params = place(backend, params, dtype)
-    actual = infer(model, backend, device_params, ids)
-    m = compare(actual, expected, dtype)
-    problem = judge("inference", dtype, m)
-    if problem is None:
-        return Row(backend.target, "inference", preset, dtype, "pass", m)
-    return Row(backend.target, "inference", preset, dtype, "fail", m,
-               first_divergence=localise(backend, preset, dtype, device_params), detail=problem)
 
-
-def run_generation_case(backend: Any, preset: str, dtype: str, new_tokens: int = 8) -> Row:
-    """Greedy tokens with the KV cache on the target against full recomputation on the reference."""
+def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | None = None,
+                        new_tokens: int = 8) -> Row:
+    """Greedy tokens with the KV cache on the target against full recomputation on the reference.
+    On a mismatch, the first decode step that differs is localised through its taps."""
     from accel.runtime import generate, place
 
-    if dtype not in backend.capabilities().dtypes:
-        return Row(backend.target, "generation", preset, dtype, "skipped", detail=f"{dtype} not supported")
-    model, params, ids = _model(preset)
-    expected = _reference_tokens(preset, new_tokens)
-    actual = generate(model, backend, place(backend, params, dtype), ids[:1], new_tokens, use_cache=True)[0]
+    ctx = ctx or Context()
+    if (skipped := _skip(backend, "generation", preset, dtype)) is not None:
+        return skipped
+    if dtype in LOW_PRECISION:  # greedy ties at low precision are no verdict on a target
+        return Row(backend.target, "generation", preset, dtype, "skipped", detail="generation is judged at float32")
+    model, params, ids = _golden_model_inputs(ctx, preset)
+    case_id = f"generation/{preset}/{dtype}"
+    if ctx.golden is not None:
+        expected = ctx.golden.expected(case_id).astype(np.int64)
+    else:
+        ref = _numpy()
+        expected = generate(model, ref, place(ref, params, "float64"), ids[:1], new_tokens, use_cache=False)[0]
+    actual = generate(model, backend, place(backend, params, dtype), ids[:1], len(expected), use_cache=True)[0]
+    if ctx.recorder is not None:
+        ctx.recorder.add_model(preset, params, ids)
+        ctx.recorder.add(case_id, {}, expected, actual, {})
     agree = float(np.mean(actual == expected))
-    first_diff = int(np.argmax(actual != expected)) if agree < 1 else None
-    return Row(backend.target, "generation", preset, dtype, "pass" if agree == 1 else "fail",
-               {"token_agreement": agree, "new_tokens": float(new_tokens)},
-               detail="" if agree == 1 else
-               f"tokens differ from step {first_diff}: {actual.tolist()} vs {expected.tolist()}")
+    row = Row(backend.target, "generation", preset, dtype, "pass" if agree == 1 else "fail",
+              {"token_agreement": agree, "new_tokens": float(len(expected))})
+    if agree < 1:
+        step = int(np.argmax(actual != expected))
+        row.detail = f"tokens differ from step {step}: {actual.tolist()} vs {expected.tolist()}"
+        row.first_divergence = _localise_decode(backend, model, params, ids[:1], expected, step, dtype)
+    return row
 
 
-@lru_cache(maxsize=8)
-def _reference_tokens(preset: str, new_tokens: int) -> np.ndarray:
-    from accel.runtime import generate, place
+def _localise_decode(backend: Any, model: Any, params: dict[str, np.ndarray], prompt: np.ndarray,
+                     expected: np.ndarray, step: int, dtype: str) -> dict[str, Any] | None:
+    """Replays the reference tokens up to `step` through the KV cache on both sides and compares the
+    taps of the decode step that first produced a different token."""
+    from accel.models._layers import Taps
 
-    model, params, ids = _model(preset)
-    ref = _reference_backend()
-    return generate(model, ref, place(ref, params, "float64"), ids[:1], new_tokens, use_cache=False)[0]
+    from accel.runtime import place
+
+    def decode_taps(b: Any, dt: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        p = place(b, params, dt)
+        cache = model.new_cache()
+        run = b.compile(lambda x, c, t: model.forward(b.ops, p, x, cache=c, taps=t))
+        run(b.asarray(prompt, "int64"), cache, None)
+        for tok in expected[: max(step - 1, 0)]:
+            run(b.asarray(np.array([[tok]], np.int64), "int64"), cache, None)
+        taps = Taps()
+        last = prompt[:, -1:] if step == 0 else np.array([[expected[step - 1]]], np.int64)
+        if step == 0:  # the prefill itself produced the first token: replay it with taps
+            cache = model.new_cache()
+            run(b.asarray(prompt, "int64"), cache, taps)
+        else:
+            run(b.asarray(last, "int64"), cache, taps)
+        return {k: np.asarray(b.to_numpy(v), dtype=np.float64) for k, v in taps.items()}, dict(taps.ops)
+
+    ref_taps, ops_of = decode_taps(_numpy(), "float64")
+    taps, _ = decode_taps(backend, dtype)
+    first, _ = localise(taps, ref_taps, ops_of, dtype)
+    if first is not None:
+        first["step"] = step
+    return first
+
+
+CaseRunner = Callable[[Any, Any, str, Context], Row]
+
+CASE_KINDS: dict[str, CaseRunner] = {
+    "ops": lambda backend, item, dtype, ctx: run_op_case(backend, item, dtype, ctx),
+    "inference": lambda backend, item, dtype, ctx: run_inference_case(backend, item, dtype, ctx),
+    "generation": lambda backend, item, dtype, ctx: run_generation_case(backend, item, dtype, ctx),
+}
+# Case kinds that live in modules of their own, each exporting CASE_KINDS (and PLAN, see runner.py).
+CASE_MODULES = ("accel.conformance.training", "accel.conformance.checkpoints", "accel.conformance.collectives")
+
+
+def case_modules() -> list[Any]:
+    import importlib
+
+    found = []
+    for name in CASE_MODULES:
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return found
+
+
+def case_runners() -> dict[str, CaseRunner]:
+    runners = dict(CASE_KINDS)
+    for module in case_modules():
+        runners |= module.CASE_KINDS
+    return runners
+
+
+def op_case(name: str) -> OpCase:
+    for c in OP_CASES:
+        if f"{c.op}[{c.shape}]" == name:
+            return c
+    raise ConformanceError(f"no op case named {name}")

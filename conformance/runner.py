@@ -1,63 +1,213 @@
-"""The conformance matrix: cases × models × dtypes on each target, a progress bar while it runs, a
-summary table at the end, and report.json / report.md under reports/<timestamp>/ and reports/latest/."""
+"""The conformance matrix: cases x models x dtypes on each target, each target in worker processes of its
+own with a per-case timeout, a progress bar while it runs, reviewed known failures applied, and a
+summary table at the end."""
 
 from __future__ import annotations
 
 import json
-import platform
-import shutil
+import os
+import selectors
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
-from accel.conformance.cases import STATUSES, Row, run_generation_case, run_inference_case, run_op_case
-from accel.conformance.op_cases import CASES
+from accel.conformance.cases import Row, case_modules
+from accel.conformance.op_cases import CASES as OP_CASES
+from accel.conformance.worker import PREFIX
 
 from accel.errors import ConformanceError
 
-CASE_KINDS = ("ops", "inference", "generation")
-DEFAULT_MODELS = ("qwen2-tiny",)
+BUILTIN_KINDS = ("ops", "inference", "generation")
 DEFAULT_DTYPES = ("float32", "float16", "bfloat16")
-MODEL_DTYPES = ("float32",)  # model cases at low precision are judged with the issue-7 ratio rule
+Job = tuple[str, str, str]  # (case kind, item, dtype)
+KNOWN_FAILURES = Path(__file__).parent / "known_failures"
+
+
+def case_kinds() -> list[str]:
+    return [*BUILTIN_KINDS, *(k for m in case_modules() for k in m.CASE_KINDS)]
+
+
+def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str]) -> list[Job]:
+    cases, models, dtypes = list(cases), list(models), list(dtypes)
+    known = case_kinds()
+    unknown = sorted(set(cases) - set(known))
+    if unknown:
+        raise ConformanceError(f"unknown case kind(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    from accel.models import presets
+
+    missing = sorted(set(models) - set(presets()))
+    if missing:
+        raise ConformanceError(f"unknown model preset(s) {', '.join(missing)}; see `accel models`")
+    jobs: list[Job] = []
+    for case in cases:
+        if case == "ops":
+            jobs += [("ops", f"{c.op}[{c.shape}]", d) for d in dtypes for c in OP_CASES]
+        elif case == "inference":
+            jobs += [("inference", m, d) for d in dtypes for m in models]
+        elif case == "generation":
+            jobs += [("generation", m, "float32") for m in models if "float32" in dtypes]
+        else:
+            module = next(m for m in case_modules() if case in m.CASE_KINDS)
+            jobs += module.plan(case, models, dtypes)
+    return jobs
+
+
+# --- running a target in workers --------------------------------------------------------------------
 
 
 @dataclass
-class Plan:
-    targets: list[str]
-    cases: tuple[str, ...] = CASE_KINDS
-    models: tuple[str, ...] = DEFAULT_MODELS
-    dtypes: tuple[str, ...] = DEFAULT_DTYPES
-    jobs: list[tuple[str, str, str, Any]] = field(default_factory=list)  # (target, case, dtype, item)
-
-    def build(self) -> Plan:
-        unknown = sorted(set(self.cases) - set(CASE_KINDS))
-        if unknown:
-            raise ConformanceError(f"unknown case kind(s) {', '.join(unknown)}; known: {', '.join(CASE_KINDS)}")
-        from accel.models import presets
-
-        missing = sorted(set(self.models) - set(presets()))
-        if missing:
-            raise ConformanceError(f"unknown model preset(s) {', '.join(missing)}; see `accel models`")
-        for target in self.targets:
-            for case in self.cases:
-                if case == "ops":
-                    self.jobs += [(target, case, dtype, c) for dtype in self.dtypes for c in CASES]
-                else:
-                    model_dtypes = [d for d in self.dtypes if d in MODEL_DTYPES] or list(self.dtypes[:1])
-                    self.jobs += [(target, case, dtype, m) for dtype in model_dtypes for m in self.models]
-        return self
+class Options:
+    case_timeout: float = 300.0
+    golden: str | None = None
+    record: str | None = None
+    policy: dict[str, str] = field(default_factory=dict)
+    known_failures: Path = KNOWN_FAILURES
 
 
-_RUNNERS: dict[str, Callable[[Any, Any, str], Row]] = {
-    "ops": lambda backend, item, dtype: run_op_case(backend, item, dtype),
-    "inference": lambda backend, item, dtype: run_inference_case(backend, item, dtype),
-    "generation": lambda backend, item, dtype: run_generation_case(backend, item, dtype),
-}
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
+def run_target(target: str, jobs: list[Job], options: Options, on_row: Callable[[Row], None]) -> list[Row]:
+    """Runs `jobs` on `target` in a worker process; a crash or timeout becomes that case's row and a new
+    worker takes the remaining cases."""
+    rows: dict[int, Row] = {}
+    pending = list(range(len(jobs)))
+    while pending:
+        with tempfile.TemporaryFile(mode="w+") as err:
+            done = _run_worker(target, jobs, pending, options, err, rows, on_row)
+            if not done:  # the worker died before starting a case: nothing more will run
+                err.seek(0)
+                tail = [line for line in err.read().splitlines() if line.strip()][-1:] or ["no output"]
+                for i in pending:
+                    if i not in rows:
+                        rows[i] = Row(target, *jobs[i][:2], jobs[i][2], "crashed",
+                                      detail=f"worker failed before the case: {tail[0][:200]}")
+                        on_row(rows[i])
+        pending = [i for i in pending if i not in rows]
+    return [rows[i] for i in range(len(jobs))]
+
+
+def _run_worker(target: str, jobs: list[Job], pending: list[int], options: Options, err: TextIO,
+                rows: dict[int, Row], on_row: Callable[[Row], None]) -> bool:
+    """One worker over the pending jobs. Returns False when it started no case at all."""
+    spec = {"target": target, "jobs": [jobs[i] for i in pending], "golden": options.golden,
+            "record": options.record, "policy": options.policy}
+    proc = subprocess.Popen([sys.executable, "-m", "accel.conformance.worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    current: int | None = None
+    started_any = False
+    since = time.monotonic()
+    buffer = ""
+    while True:
+        remaining = options.case_timeout - (time.monotonic() - since)
+        if remaining <= 0:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            index = pending[current] if current is not None else next(i for i in pending if i not in rows)
+            rows[index] = Row(target, *jobs[index][:2], jobs[index][2], "timeout",
+                              detail=f"timeout after {options.case_timeout:g} s")
+            on_row(rows[index])
+            return True
+        if not selector.select(timeout=min(remaining, 1.0)):
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536).decode()
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if not line.startswith(PREFIX):
+                continue
+            event = json.loads(line[len(PREFIX):])
+            if event["event"] == "start":
+                current, started_any, since = event["job"], True, time.monotonic()
+            elif event["event"] == "row":
+                index = pending[event["job"]]
+                rows[index] = Row(**event["row"])
+                on_row(rows[index])
+                current, since = None, time.monotonic()
+    code = proc.wait()
+    if current is not None:  # died inside a case
+        index = pending[current]
+        if code < 0:
+            why = f"crashed: {_signal_name(-code)}"
+        else:
+            err.seek(0)
+            tail = [line for line in err.read().splitlines() if line.strip()][-1:] or [""]
+            why = f"crashed: exit code {code} {tail[0][:200]}".rstrip()
+        rows[index] = Row(target, *jobs[index][:2], jobs[index][2], "crashed", detail=why)
+        on_row(rows[index])
+        return True
+    return started_any or all(i in rows for i in pending)
+
+
+# --- known failures ---------------------------------------------------------------------------------
+
+
+def known_failures_file(target: str, directory: Path = KNOWN_FAILURES) -> Path:
+    """known_failures/<backend>_<device kind>.yaml, e.g. mindspore_cpu.yaml, torch-compile_cuda.yaml."""
+    backend, _, device = target.partition(":")
+    return directory / f"{backend}_{device.partition(':')[0]}.yaml"
+
+
+def load_known_failures(target: str, directory: Path = KNOWN_FAILURES) -> list[dict[str, str]]:
+    """Reviewed expected failures of a target: entries {case, model, dtype, reason}; `model` may be a
+    glob ("attention[*]"), a missing `dtype` matches every dtype."""
+    import yaml
+
+    path = known_failures_file(target, directory)
+    if not path.is_file():
+        return []
+    try:
+        entries = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError as e:
+        raise ConformanceError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(entries, list):
+        raise ConformanceError(f"{path} must hold a list of entries")
+    for e in entries:
+        if not isinstance(e, dict) or not {"case", "model", "reason"} <= e.keys():
+            raise ConformanceError(f"{path}: every entry needs case, model and reason: {e!r}")
+    return entries
+
+
+def apply_known_failures(rows: list[Row], directory: Path = KNOWN_FAILURES) -> list[Row]:
+    by_target: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        entries = by_target.setdefault(row.target, load_known_failures(row.target, directory))
+        match = next((e for e in entries if e["case"] == row.case and fnmatch(row.model, e["model"])
+                      and e.get("dtype", row.dtype) == row.dtype), None)
+        if match is None:
+            continue
+        if row.status in ("fail", "crashed", "timeout"):
+            row.detail = f"known: {match['reason']} ({row.status}: {row.detail})"
+            row.status = "known-failure"
+        elif row.status == "pass":
+            row.detail = f"known failure now passes: remove it from {known_failures_file(row.target, directory)}"
+    return rows
+
+
+def exit_code(rows: Iterable[Row]) -> int:
+    return 1 if any(r.status in ("fail", "crashed", "timeout") for r in rows) else 0
+
+
+# --- progress and summary ---------------------------------------------------------------------------
 
 
 class Progress:
@@ -67,115 +217,63 @@ class Progress:
         self.total, self.done, self.stream = total, 0, stream
         self.tty = stream.isatty()
         self.start = time.monotonic()
+        self.failed = 0
         self._last_decile = -1
 
-    def step(self, label: str) -> None:
+    def step(self, row: Row) -> None:
         self.done += 1
+        self.failed += row.status in ("fail", "crashed", "timeout")
         frac = self.done / max(self.total, 1)
+        label = f"{row.target} {row.case} {row.model} {row.dtype}"
+        elapsed = time.monotonic() - self.start
         if self.tty:
             bar = "#" * int(30 * frac)
-            self.stream.write(f"\r[{bar:<30}] {self.done}/{self.total} {label[:50]:<50}")
+            self.stream.write(f"\r[{bar:<30}] {self.done}/{self.total} {elapsed:4.0f}s {self.failed} failed "
+                              f"{label[:48]:<48}")
             if self.done == self.total:
                 self.stream.write("\n")
-        elif int(frac * 10) != self._last_decile:
+        elif int(frac * 10) != self._last_decile or row.status in ("crashed", "timeout"):
             self._last_decile = int(frac * 10)
-            elapsed = time.monotonic() - self.start
-            self.stream.write(f"conformance: {self.done}/{self.total} ({elapsed:.0f} s) {label}\n")
+            self.stream.write(f"conformance: {self.done}/{self.total} ({elapsed:.0f} s, {self.failed} failed) "
+                              f"{label} {row.status}\n")
         self.stream.flush()
-
-
-def run(plan: Plan, progress: bool = True) -> list[Row]:
-    from accel.targets import open_target
-
-    rows: list[Row] = []
-    bar = Progress(len(plan.jobs)) if progress else None
-    backends: dict[str, Any] = {}
-    for target, case, dtype, item in plan.jobs:
-        if target not in backends:
-            backends[target] = open_target(target)
-        label = f"{target} {case} {getattr(item, 'op', item)} {dtype}"
-        try:
-            rows.append(_RUNNERS[case](backends[target], item, dtype))
-        except Exception as e:  # a case that raises is a failed row, and the suite goes on
-            name = f"{item.op}[{item.shape}]" if case == "ops" else str(item)
-            rows.append(Row(target, case, name, dtype, "fail", detail=f"raised {type(e).__name__}: {e}"))
-        if bar:
-            bar.step(label)
-    return rows
-
-
-# --- output ---------------------------------------------------------------------------------------
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
+HEADER = ["target", "case", "model/op", "dtype", "cosine", "max_abs", "max_rel", "status", "detail"]
+_ORDER = {s: i for i, s in enumerate(("crashed", "timeout", "fail", "known-failure", "pass", "skipped"))}
+
+
 def summary_rows(rows: Iterable[Row]) -> list[list[str]]:
-    """Op rows folded to one line per target/op/dtype (the worst shape); model rows as they are."""
+    """Op rows folded to one line per target/op/dtype (the worst shape); other rows as they are."""
     groups: dict[tuple[str, str, str, str], list[Row]] = {}
     for r in rows:
         key_model = r.model.split("[")[0] if r.case == "ops" else r.model
         groups.setdefault((r.target, r.case, key_model, r.dtype), []).append(r)
     out = []
     for (target, case, model, dtype), rs in groups.items():
-        worst = [r for r in rs if r.status not in ("pass", "skipped")] or rs
-        cos = min((r.metrics.get("cosine", np.nan) for r in rs if r.metrics), default=None)
-        mae = max((r.metrics.get("max_abs", np.nan) for r in rs if r.metrics), default=None)
-        mre = max((r.metrics.get("max_rel", np.nan) for r in rs if r.metrics), default=None)
-        if case == "generation":
-            agree = worst[0].metrics.get("token_agreement")
-            cos, mae, mre = None, None, None
-            extra = f"tokens {agree:.0%}" if agree is not None else ""
-        else:
-            extra = worst[0].detail if worst[0].status != "pass" else ""
-        if worst[0].first_divergence:
-            fd = worst[0].first_divergence
-            extra += f"; first divergence {fd['tap']} ({fd['op']})"
+        worst = min(rs, key=lambda r: _ORDER.get(r.status, 0))
+        measured = [r.metrics for r in rs if "cosine" in r.metrics]
+        cos = min((m["cosine"] for m in measured), default=None)
+        mae = max((m["max_abs"] for m in measured), default=None)
+        mre = max((m["max_rel"] for m in measured), default=None)
+        extra = worst.detail
+        if "token_agreement" in worst.metrics:
+            extra = f"tokens {worst.metrics['token_agreement']:.0%}" + (f"; {worst.detail}" if worst.detail else "")
+        if worst.first_divergence:
+            fd = worst.first_divergence
+            extra += f"; first divergence: {fd['tap']} ({fd['op']})"
         out.append([target, case, model, dtype, _fmt(cos, ".7f"), _fmt(mae, ".2e"), _fmt(mre, ".2e"),
-                    worst[0].status, extra])
+                    worst.status, extra[:160]])
     return out
 
 
-HEADER = ["target", "case", "model/op", "dtype", "cosine", "max_abs", "max_rel", "status", "detail"]
-
-
-def exit_code(rows: Iterable[Row]) -> int:
-    return 1 if any(r.status in ("fail", "crashed", "timeout") for r in rows) else 0
-
-
-def environment() -> dict[str, Any]:
-    from accel import __version__
-
-    versions = {"accel-port": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    try:
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return {"versions": versions, "machine": platform.machine(), "system": platform.system()}
-
-
-def write_reports(rows: list[Row], report_dir: Path, plan: Plan, seconds: float) -> Path:
-    from accel.commands._common import table
-
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = report_dir / stamp
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {s: sum(r.status == s for r in rows) for s in STATUSES}
-    doc = {"created": stamp, "seconds": round(seconds, 1), "targets": plan.targets, "cases": list(plan.cases),
-           "models": list(plan.models), "dtypes": list(plan.dtypes), "counts": counts,
-           "environment": environment(), "rows": [r.as_dict() for r in rows]}
-    (out / "report.json").write_text(json.dumps(doc, indent=1, default=float))
-    md = [f"# Conformance report {stamp}", "", f"Targets: {', '.join(plan.targets)}. "
-          f"Finished in {seconds:.0f} s.", "", " · ".join(f"{k}: {v}" for k, v in counts.items()), "", "```",
-          table(summary_rows(rows), HEADER), "```", ""]
-    (out / "report.md").write_text("\n".join(md))
-    latest = report_dir / "latest"
-    if latest.is_symlink() or latest.is_file():
-        latest.unlink()
-    elif latest.exists():
-        shutil.rmtree(latest)
-    shutil.copytree(out, latest)
-    return out
+def run(targets: list[str], jobs: list[Job], options: Options, progress: bool = True) -> list[Row]:
+    bar = Progress(len(jobs) * len(targets)) if progress else None
+    rows: list[Row] = []
+    for target in targets:
+        rows += run_target(target, jobs, options, bar.step if bar else (lambda row: None))
+    return apply_known_failures(rows, options.known_failures)

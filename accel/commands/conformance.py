@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from accel.commands._common import table
+from accel.errors import UsageError
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -16,42 +17,84 @@ def _csv(text: str) -> tuple[str, ...]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "conformance", help="run the conformance suite and write a report",
-        description="Run op-level and model cases on each target against the NumPy float64 reference; "
-                    "print a summary table and write reports/<timestamp>/ and reports/latest/. "
-                    "Exit code 1 when any case fails unexpectedly.")
+        description="Run op-level, model and training cases on each target against the NumPy float64 reference "
+                    "(or a golden record), each target in its own process; print a summary table and write "
+                    "reports/<timestamp>/ and reports/latest/. Exit code 1 when any case fails unexpectedly.")
     p.add_argument("--targets", type=_csv, metavar="T1,T2",
                    help="targets to check (default: every target available here but the numpy:cpu reference)")
-    p.add_argument("--models", type=_csv, metavar="M1,M2", help="model presets (default: every family's tiny preset)")
-    p.add_argument("--cases", type=_csv, metavar="C1,C2", help="case kinds: ops, inference, generation (default all)")
+    p.add_argument("--models", type=_csv, metavar="M1,M2", help="model presets (default: every *-tiny preset)")
+    p.add_argument("--cases", type=_csv, metavar="C1,C2",
+                   help="case kinds: ops, inference, generation, training, checkpoints, collectives (default: all "
+                        "but collectives)")
     p.add_argument("--dtypes", type=_csv, metavar="D1,D2", help="dtypes (default float32,float16,bfloat16)")
+    golden = p.add_mutually_exclusive_group()
+    golden.add_argument("--golden", type=Path, metavar="DIR",
+                        help="compare against a golden record written on another machine")
+    golden.add_argument("--write-golden", type=Path, metavar="DIR",
+                        help="record inputs, expected values and this target's outputs as a golden record")
+    p.add_argument("--known-failures", type=Path, metavar="DIR",
+                   help="directory of reviewed expected failures, <backend>_<device>.yaml (default: the suite's own)")
+    p.add_argument("--case-timeout", type=float, default=300.0, metavar="S", help="seconds per case (default 300)")
     p.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR", help="default ./reports")
     p.add_argument("--verbose", action="store_true", help="one table line per case instead of per op")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from accel.conformance import runner
+    from accel.conformance import golden, report, runner
+    from accel.models import presets
     from accel.targets import discover, select
 
     if args.targets:
         targets = [str(select(t)) for t in args.targets]  # an unavailable target is an error, not a skip
     else:
         targets = [i.target for i in discover() if i.available and not i.target.startswith("numpy:")]
-    from accel.models import presets
-
-    models = args.models or tuple(n for n in presets() if n.endswith("-tiny"))
-    plan = runner.Plan(targets, cases=args.cases or runner.CASE_KINDS, models=models,
-                       dtypes=args.dtypes or runner.DEFAULT_DTYPES).build()
-    print(f"conformance: {len(plan.jobs)} cases on {', '.join(targets)}", flush=True)
+    options = runner.Options(case_timeout=args.case_timeout)
+    if args.known_failures:
+        if not args.known_failures.is_dir():
+            raise UsageError(f"--known-failures {args.known_failures} is not a directory")
+        options.known_failures = args.known_failures
+    if args.golden:
+        record = golden.GoldenRecord(args.golden)
+        jobs = [j for j in record.jobs() if (not args.cases or j[0] in args.cases)
+                and (not args.models or j[1] in args.models or j[0] == "ops")
+                and (not args.dtypes or j[2] in args.dtypes)]
+        options.golden = str(args.golden.resolve())
+        print(f"conformance: against golden record {args.golden} (written by {record.target})", flush=True)
+    else:
+        default_cases = [c for c in runner.case_kinds() if c != "collectives"]
+        models = args.models or tuple(n for n in presets() if n.endswith("-tiny"))
+        jobs = runner.plan_jobs(args.cases or default_cases, models, args.dtypes or runner.DEFAULT_DTYPES)
+    staging = None
+    if args.write_golden:
+        if len(targets) != 1:
+            raise UsageError("--write-golden records one target: give exactly one with --targets")
+        staging = golden.staging_dir(args.write_golden)
+        options.record = str(staging)
+    print(f"conformance: {len(jobs) * len(targets)} cases on {', '.join(targets)}", flush=True)
     start = time.monotonic()
-    rows = runner.run(plan)
+    try:
+        rows = runner.run(targets, jobs, options)
+    except BaseException:
+        if staging is not None and staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        raise
     seconds = time.monotonic() - start
     shown = [[r.target, r.case, r.model, r.dtype, f"{r.metrics.get('cosine', float('nan')):.7f}",
               f"{r.metrics.get('max_abs', float('nan')):.2e}", f"{r.metrics.get('max_rel', float('nan')):.2e}",
-              r.status, r.detail] for r in rows] if args.verbose else runner.summary_rows(rows)
+              r.status, r.detail[:160]] for r in rows] if args.verbose else runner.summary_rows(rows)
     print(table(shown, runner.HEADER))
-    out = runner.write_reports(rows, args.report_dir, plan, seconds)
-    counts = {s: sum(r.status == s for r in rows) for s in ("pass", "fail", "skipped")}
-    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped in {seconds:.0f} s; "
-          f"report: {out} (and {args.report_dir / 'latest'})")
+    meta = {"seconds": round(seconds, 1), "targets": targets, "golden": str(args.golden) if args.golden else None}
+    out = report.write(rows, args.report_dir, meta)
+    if staging is not None:
+        golden.finish(staging, args.write_golden, targets[0], report.environment())
+        print(f"golden record written to {args.write_golden}")
+    c = report.counts(rows)
+    fixed = sum("known failure now passes" in r.detail for r in rows)
+    print(f"\n{c['pass']} passed, {c['fail']} failed, {c['known-failure']} known failures, {c['skipped']} skipped, "
+          f"{c['crashed']} crashed, {c['timeout']} timed out in {seconds:.0f} s"
+          + (f"; {fixed} known failure(s) now pass" if fixed else "") + f"\nreport: {out}/report.html "
+          f"(and {args.report_dir / 'latest'})")
     return runner.exit_code(rows)

@@ -1,0 +1,138 @@
+"""Golden records: the inputs, the float64 expected outputs, one device's outputs and its errors, so
+that a machine that never shares an environment with it (an Ascend box, a CUDA box) is judged against
+it later: `accel conformance --write-golden DIR` on one, `accel conformance --golden DIR` on the other.
+
+A record is a directory with `arrays.safetensors` (every array, keyed "CASE_ID|kind|name") and
+`manifest.json` (format, creation time, the recording target, versions, seeds and per-case metrics).
+Workers write parts; the runner merges them and renames the directory into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from accel.checkpoint import safetensors
+from accel.errors import ConformanceError
+
+FORMAT = "accel-golden/1"
+
+
+def _storable(a: Any) -> np.ndarray:
+    a = np.asarray(a)
+    return np.ascontiguousarray(a.astype(np.int64) if a.dtype.kind in "iub" else a)
+
+
+class Recorder:
+    """Collects one worker's inputs and outputs; `flush` writes them as a part of the record."""
+
+    def __init__(self, staging: Path):
+        self.staging = staging
+        self.arrays: dict[str, np.ndarray] = {}
+        self.cases: dict[str, dict[str, Any]] = {}
+        self.models: set[str] = set()
+
+    def add(self, case_id: str, inputs: dict[str, np.ndarray], expected: Any, actual: Any,
+            metrics: dict[str, float]) -> None:
+        for name, a in inputs.items():
+            self.arrays[f"{case_id}|input|{name}"] = _storable(a)
+        self.arrays[f"{case_id}|expected"] = _storable(expected)
+        self.arrays[f"{case_id}|actual"] = _storable(actual)
+        self.cases[case_id] = {"metrics": metrics, "inputs": sorted(inputs)}
+
+    def add_model(self, preset: str, params: dict[str, np.ndarray], ids: np.ndarray) -> None:
+        if preset in self.models:
+            return
+        self.models.add(preset)
+        key = f"models/{preset}"
+        self.add(key, {"input_ids": ids, **{f"param.{k}": v for k, v in params.items()}}, np.zeros(0), np.zeros(0), {})
+
+    def flush(self) -> None:
+        if not self.cases:
+            return
+        part = self.staging / "parts" / uuid.uuid4().hex
+        part.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.write(f"{part}.safetensors", self.arrays)
+        Path(f"{part}.json").write_text(json.dumps(self.cases, default=float))
+        self.arrays, self.cases = {}, {}
+
+
+def staging_dir(final: Path) -> Path:
+    if final.exists():
+        raise ConformanceError(f"golden record {final} already exists; remove it or choose another directory")
+    if not final.parent.exists():
+        raise ConformanceError(f"directory {final.parent} does not exist")
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def finish(staging: Path, final: Path, target: str, environment: dict[str, Any]) -> None:
+    """Merges the workers' parts into one record and renames it into place."""
+    arrays: dict[str, np.ndarray] = {}
+    cases: dict[str, Any] = {}
+    for part in sorted((staging / "parts").glob("*.json")):
+        cases |= json.loads(part.read_text())
+        f = safetensors.SafetensorsFile(part.with_suffix(".safetensors"))
+        arrays |= {k: np.array(v) for k, v in f.items()}
+    if not cases:
+        shutil.rmtree(staging)
+        raise ConformanceError("no case produced output; nothing to record")
+    safetensors.write(staging / "arrays.safetensors", arrays)
+    manifest = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "target": target, "environment": environment, "cases": cases}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
+    shutil.rmtree(staging / "parts")
+    os.replace(staging, final)
+
+
+class GoldenRecord:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        manifest = self.directory / "manifest.json"
+        if not manifest.is_file():
+            raise ConformanceError(f"{self.directory} is not a golden record (no manifest.json)")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConformanceError(f"{manifest} is not valid JSON") from None
+        if self.manifest.get("format") != FORMAT:
+            raise ConformanceError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT}")
+        self.arrays = safetensors.SafetensorsFile(self.directory / "arrays.safetensors")
+        self.cases: dict[str, Any] = self.manifest["cases"]
+        self.target: str = self.manifest["target"]
+
+    def _get(self, key: str) -> np.ndarray:
+        if key not in self.arrays.entries:
+            raise ConformanceError(f"golden record {self.directory} lacks {key}")
+        return np.array(self.arrays.get(key))
+
+    def inputs(self, case_id: str) -> dict[str, np.ndarray]:
+        return {name: self._get(f"{case_id}|input|{name}") for name in self.cases[case_id]["inputs"]}
+
+    def expected(self, case_id: str) -> np.ndarray:
+        return self._get(f"{case_id}|expected")
+
+    def actual(self, case_id: str) -> np.ndarray:
+        return self._get(f"{case_id}|actual")
+
+    def metrics(self, case_id: str) -> dict[str, float]:
+        return self.cases[case_id]["metrics"]
+
+    def jobs(self) -> list[tuple[str, str, str]]:
+        """(case kind, item, dtype) of every recorded case."""
+        out = []
+        for case_id in self.cases:
+            kind, _, rest = case_id.partition("/")
+            if kind == "models":
+                continue
+            item, _, dtype = rest.rpartition("/")
+            out.append((kind, item, dtype))
+        return out
