@@ -46,25 +46,32 @@ def infer(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray) 
 
 
 def generate(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray, max_new_tokens: int,
-             use_cache: bool = True) -> np.ndarray:
+             use_cache: bool = True, step_logits: list[np.ndarray] | None = None) -> np.ndarray:
     """Greedy decoding: (b, max_new_tokens) new token ids. With the KV cache, a prefill then one token
-    per step; without, the whole sequence is recomputed each step (the check of the cache)."""
+    per step; without, the whole sequence is recomputed each step (the check of the cache).
+    `step_logits`, when given, receives the (b, vocab) logits each token was chosen from."""
     ids = check_ids(model, ids)
     forward = forward_fn(model, backend)
     out = []
+
+    def choose(logits: Any) -> np.ndarray:
+        last = np.asarray(backend.to_numpy(logits), dtype=np.float64)[:, -1]  # (b, vocab)
+        if step_logits is not None:
+            step_logits.append(last)
+        return np.argmax(last, axis=-1)
+
     if use_cache:
         cache = model.new_cache()
         logits = forward(params, backend.asarray(ids, "int64"), cache)
         for step in range(max_new_tokens):
-            nxt = np.argmax(np.asarray(backend.to_numpy(logits), dtype=np.float32)[:, -1], axis=-1)  # (b,)
+            nxt = choose(logits)  # (b,)
             out.append(nxt)
             if step + 1 < max_new_tokens:
                 logits = forward(params, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
     else:
         seq = ids
         for _ in range(max_new_tokens):
-            logits = forward(params, backend.asarray(seq, "int64"))
-            nxt = np.argmax(np.asarray(backend.to_numpy(logits), dtype=np.float32)[:, -1], axis=-1)
+            nxt = choose(forward(params, backend.asarray(seq, "int64")))
             out.append(nxt)
             seq = np.concatenate([seq, nxt[:, None]], axis=1)
     return np.stack(out, axis=1) if out else np.zeros((ids.shape[0], 0), np.int64)

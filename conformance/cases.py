@@ -20,11 +20,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
 from accel.conformance.metrics import compare, exact
 from accel.conformance.op_cases import CASES as OP_CASES
 from accel.conformance.op_cases import OpCase
 from accel.conformance.tolerances import LOW_PRECISION, judge, needs_reference_device
-
 from accel.dtypes import to_numpy_dtype
 from accel.errors import ConformanceError
 from accel.ops import reference
@@ -203,7 +203,6 @@ def _numpy() -> Any:
 def _forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray,
                        dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
     from accel.models._layers import Taps
-
     from accel.runtime import place
 
     taps = Taps()
@@ -280,8 +279,10 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
 
 def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | None = None,
                         new_tokens: int = 8) -> Row:
-    """Greedy tokens with the KV cache on the target against full recomputation on the reference.
-    On a mismatch, the first decode step that differs is localised through its taps."""
+    """Greedy tokens with the KV cache on the target against full recomputation on the reference, and
+    the logits each token was chosen from against the reference's (a cache bug that leaves the tokens
+    of a tiny random model unchanged still moves its logits). A mismatch is localised through the
+    taps of the first decode step that departs."""
     from accel.runtime import generate, place
 
     ctx = ctx or Context()
@@ -293,19 +294,29 @@ def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | No
     case_id = f"generation/{preset}/{dtype}"
     if ctx.golden is not None:
         expected = ctx.golden.expected(case_id).astype(np.int64)
+        ref_steps = ctx.golden.inputs(case_id)["step_logits"]
     else:
-        ref = _numpy()
-        expected = generate(model, ref, place(ref, params, "float64"), ids[:1], new_tokens, use_cache=False)[0]
-    actual = generate(model, backend, place(backend, params, dtype), ids[:1], len(expected), use_cache=True)[0]
+        ref, steps = _numpy(), []
+        expected = generate(model, ref, place(ref, params, "float64"), ids[:1], new_tokens, use_cache=False,
+                            step_logits=steps)[0]
+        ref_steps = np.concatenate(steps)  # (new_tokens, vocab)
+    steps = []
+    actual = generate(model, backend, place(backend, params, dtype), ids[:1], len(expected), use_cache=True,
+                      step_logits=steps)[0]
+    got_steps = np.concatenate(steps)
     if ctx.recorder is not None:
         ctx.recorder.add_model(preset, params, ids)
-        ctx.recorder.add(case_id, {}, expected, actual, {})
+        ctx.recorder.add(case_id, {"step_logits": ref_steps}, expected, actual, {})
     agree = float(np.mean(actual == expected))
-    row = Row(backend.target, "generation", preset, dtype, "pass" if agree == 1 else "fail",
-              {"token_agreement": agree, "new_tokens": float(len(expected))})
-    if agree < 1:
-        step = int(np.argmax(actual != expected))
-        row.detail = f"tokens differ from step {step}: {actual.tolist()} vs {expected.tolist()}"
+    bad_step = next((i for i in range(len(expected))
+                     if judge("inference", dtype, compare(got_steps[i], ref_steps[i], dtype))), None)
+    m = compare(got_steps, ref_steps, dtype) | {"token_agreement": agree, "new_tokens": float(len(expected))}
+    row = Row(backend.target, "generation", preset, dtype, "pass" if agree == 1 and bad_step is None else "fail", m)
+    if row.status == "fail":
+        step = int(np.argmax(actual != expected)) if agree < 1 else int(bad_step or 0)
+        row.detail = (f"tokens differ from step {step}: {actual.tolist()} vs {expected.tolist()}" if agree < 1 else
+                      f"logits of step {step} out of tolerance: "
+                      f"{judge('inference', dtype, compare(got_steps[step], ref_steps[step], dtype))}")
         row.first_divergence = _localise_decode(backend, model, params, ids[:1], expected, step, dtype)
     return row
 
@@ -315,7 +326,6 @@ def _localise_decode(backend: Any, model: Any, params: dict[str, np.ndarray], pr
     """Replays the reference tokens up to `step` through the KV cache on both sides and compares the
     taps of the decode step that first produced a different token."""
     from accel.models._layers import Taps
-
     from accel.runtime import place
 
     def decode_taps(b: Any, dt: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -97,7 +97,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     from accel.conformance.runner import plan_jobs
     from accel.models import presets
-
     from accel.targets import select
 
     models = _csv(config.getoption("accel_models")) or [n for n in presets() if n.endswith("-tiny")]

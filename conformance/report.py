@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from accel.conformance.cases import STATUSES, Row
 from accel.conformance.runner import HEADER, summary_rows
 
@@ -92,6 +93,7 @@ def plots(rows: list[Row]) -> dict[str, str]:
             ax.semilogy(range(len(r.series["layer_max_abs"])), np.maximum(r.series["layer_max_abs"], 1e-18),
                         marker="o", label=f"{r.target} {r.model} {r.dtype}")
         ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("max abs error vs float64")
         ax.set_title("error per layer (inference)")
         ax.legend(fontsize=6, ncol=2)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+
 from accel.conformance.cases import Row, case_modules
 from accel.conformance.op_cases import CASES as OP_CASES
 from accel.conformance.worker import PREFIX
-
 from accel.errors import ConformanceError
 
 BUILTIN_KINDS = ("ops", "inference", "generation")

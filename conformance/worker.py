@@ -30,7 +30,6 @@ def main() -> int:
 
     from accel.conformance.cases import Context, Row, case_runners, op_case
     from accel.conformance.golden import GoldenRecord, Recorder
-
     from accel.errors import AccelError
     from accel.targets import open_target
 

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from accel.models._layers import Model
 
 from accel.errors import CheckpointError, ModelError
+from accel.models._layers import Model
 
 # model_type in config.json -> "module:Class"
 FAMILIES: dict[str, str] = {
+    "chatglm": "accel.models.chatglm:ChatGLM",
+    "qwen": "accel.models.qwen:QWen",
     "qwen2": "accel.models.qwen:Qwen2",
+    "baichuan": "accel.models.baichuan:Baichuan",
 }
 
 # Tensors some exporters add that carry nothing the forward needs (recomputed rotary buffers).

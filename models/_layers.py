@@ -120,12 +120,15 @@ def rope_inv_freq(rot_dim: int, base: float) -> np.ndarray:
     return (1.0 / (base ** (np.arange(0, rot_dim, 2, dtype=np.int64).astype(np.float32) / rot_dim))).astype(np.float32)
 
 
-def rope_tables(ops: Any, inv_freq: np.ndarray | Any, past: int, s: int) -> tuple[Any, Any]:
-    """cos/sin (s, rot/2) for positions past .. past + s - 1."""
+def rope_tables(ops: Any, inv_freq: np.ndarray | Any, past: int, s: int,
+                taps: dict | None = None) -> tuple[Any, Any]:
+    """cos/sin (s, rot/2) for positions past .. past + s - 1 (tapped as "rope": the cos table)."""
     positions = ops.asarray(np.arange(past, past + s, dtype=np.int64), "int64")
     if isinstance(inv_freq, np.ndarray):
         inv_freq = ops.asarray(inv_freq, "float32")
-    return ops.rope_cache(positions, inv_freq)
+    cos, sin = ops.rope_cache(positions, inv_freq)
+    tap(taps, "rope", "rope_cache", cos)
+    return cos, sin
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -163,3 +166,19 @@ def attend(ops: Any, q: Any, k: Any, v: Any, *, layer: int, cache: KVCache | Non
 def split_heads(ops: Any, x: Any, heads: int) -> Any:
     b, s, width = x.shape
     return ops.reshape(x, (b, s, heads, width // heads))  # (b, s, heads, d)
+
+
+def split_fused(ops: Any, x: Any, sizes: tuple[int, ...], heads: tuple[int, ...]) -> list[Any]:
+    """A fused projection (b, s, sum(sizes)) as stored ([Q | K | V] blocks side by side) split into its
+    blocks, each viewed as (b, s, heads_i, d)."""
+    return [split_heads(ops, part, n) for part, n in zip(ops.split(x, list(sizes), axis=-1), heads)]
+
+
+def scale_positions(ops: Any, x: Any, factors: np.ndarray) -> Any:
+    """x (b, s, h, d) times factors[p] (s,) at each position p, computed in x's dtype. The op set has no
+    "cast to the dtype of x", so the product goes through rope with tables cos = factor, sin = 0, which
+    is exactly that multiplication with the factor cast to x's dtype (what `.type_as(query)` does
+    before Qwen's logn scaling)."""
+    half = x.shape[-1] // 2
+    cos = np.repeat(np.asarray(factors, np.float32)[:, None], half, axis=1)  # (s, d/2)
+    return ops.rope(x, ops.asarray(cos, "float32"), ops.asarray(np.zeros_like(cos), "float32"), "half")

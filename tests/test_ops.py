@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-from accel.conformance.cases import run_op_case
-from accel.conformance.op_cases import CASES
 
 from accel import ops
+from accel.conformance.cases import run_op_case
+from accel.conformance.op_cases import CASES
 from accel.targets import open_target
 
 

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from accel.models import from_preset, from_pretrained
 
+from accel.models import from_preset, from_pretrained
 from accel.runtime import generate, infer, place
 from accel.targets import open_target
 from tests.conftest import run_cli, save_hf_qwen2
