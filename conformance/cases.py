@@ -59,6 +59,7 @@ class Context:
 
     golden: Any = None  # a golden.GoldenRecord: expected values and the recording device's errors
     recorder: Any = None  # a golden.Recorder: inputs/outputs to write as a golden record
+    nproc: int = 2  # ranks of the collective cases
     _reference_device: Any = None
 
     def reference_device(self) -> Any:

@@ -70,6 +70,7 @@ class Options:
     record: str | None = None
     policy: dict[str, str] = field(default_factory=dict)
     known_failures: Path = KNOWN_FAILURES
+    nproc: int = 2
 
 
 def _signal_name(code: int) -> str:
@@ -103,7 +104,7 @@ def _run_worker(target: str, jobs: list[Job], pending: list[int], options: Optio
                 rows: dict[int, Row], on_row: Callable[[Row], None]) -> bool:
     """One worker over the pending jobs. Returns False when it started no case at all."""
     spec = {"target": target, "jobs": [jobs[i] for i in pending], "golden": options.golden,
-            "record": options.record, "policy": options.policy}
+            "record": options.record, "policy": options.policy, "nproc": options.nproc}
     proc = subprocess.Popen([sys.executable, "-m", "accel.conformance.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     assert proc.stdin is not None and proc.stdout is not None

@@ -37,7 +37,8 @@ def main() -> int:
     try:
         backend = open_target(target, policy=spec.get("policy"))
         ctx = Context(golden=GoldenRecord(spec["golden"]) if spec.get("golden") else None,
-                      recorder=Recorder(Path(spec["record"])) if spec.get("record") else None)
+                      recorder=Recorder(Path(spec["record"])) if spec.get("record") else None,
+                      nproc=spec.get("nproc", 2))
     except AccelError as e:
         for i, (case, item, dtype) in enumerate(jobs):
             _emit(protocol, {"event": "row", "job": i, "row": Row(target, case, item, dtype, "fail",

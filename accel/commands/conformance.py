@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="record inputs, expected values and this target's outputs as a golden record")
     p.add_argument("--known-failures", type=Path, metavar="DIR",
                    help="directory of reviewed expected failures, <backend>_<device>.yaml (default: the suite's own)")
+    p.add_argument("--nproc", type=int, default=2, metavar="N", help="ranks of the collective cases (default 2)")
     p.add_argument("--case-timeout", type=float, default=300.0, metavar="S", help="seconds per case (default 300)")
     p.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR", help="default ./reports")
     p.add_argument("--verbose", action="store_true", help="one table line per case instead of per op")
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         targets = [str(select(t)) for t in args.targets]  # an unavailable target is an error, not a skip
     else:
         targets = [i.target for i in discover() if i.available and not i.target.startswith("numpy:")]
-    options = runner.Options(case_timeout=args.case_timeout)
+    if args.nproc < 2:
+        raise UsageError("--nproc must be at least 2")
+    options = runner.Options(case_timeout=args.case_timeout, nproc=args.nproc)
     if args.known_failures:
         if not args.known_failures.is_dir():
             raise UsageError(f"--known-failures {args.known_failures} is not a directory")
