@@ -262,6 +262,8 @@ def summary_rows(rows: Iterable[Row]) -> list[list[str]]:
         mae = max((m["max_abs"] for m in measured), default=None)
         mre = max((m["max_rel"] for m in measured), default=None)
         extra = worst.detail
+        if "max_loss_rel" in worst.metrics:
+            extra = f"loss rel {worst.metrics['max_loss_rel']:.1e}" + (f"; {worst.detail}" if worst.detail else "")
         if "token_agreement" in worst.metrics:
             extra = f"tokens {worst.metrics['token_agreement']:.0%}" + (f"; {worst.detail}" if worst.detail else "")
         if worst.first_divergence:
