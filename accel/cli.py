@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"accel {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `accel scan ... | head`: the reader left; stay quiet like other tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
