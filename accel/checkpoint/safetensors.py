@@ -1,121 +1,141 @@
-"""HF safetensors: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}} (plus an optional "__metadata__"), then the raw little-endian tensor bytes.
+"""safetensors: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
+(plus an optional "__metadata__" of strings), then the raw little-endian tensor bytes.
 
-The reader checks every header entry against the bytes present before trusting it and returns
-memory-mapped NumPy views, so reading streams one tensor at a time.
+The reader checks the whole header against the bytes present before trusting any of it: every entry's
+byte range matches its shape and dtype, the ranges tile the data section with no gap, overlap or
+trailing bytes (what the reference implementation requires), and no name appears twice.
+
+MindSpore's `save_checkpoint(..., format="safetensors")` writes this same format through the
+safetensors library, with MindFormers' parameter names and `{"format": "ms"}` as metadata; it marks
+packed int4 tensors by naming them in the metadata (`name: "Int4"`), which no conversion here supports.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, counted, entries_of, shape_of
 from accel.errors import CheckpointError
 
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-CODES = {v: k for k, v in DTYPES.items()}
+CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+         "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+         "U8": "uint8", "BOOL": "bool"}
+NAMES = {v: k for k, v in CODES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
-class SafetensorsFile:
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"tensor {k!r} appears twice in the header")
+        out[k] = v
+    return out
+
+
+class SafetensorsFile(FileReader):
     """One .safetensors file, header validated at open; tensors read lazily."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        super().__init__(path)
+        size = self._stat()
+        if size < 8:
+            raise CheckpointError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", self._pread(8, 0))
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{self.path}: header claims {n} bytes but the file has {size}; truncated?")
+        raw = self._pread(n, 8)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
-                (n,) = struct.unpack("<Q", head)
-                if n > MAX_HEADER or 8 + n > size:
-                    raise CheckpointError(f"{self.path}: header claims {n} bytes but the file has {size}; truncated?")
-                raw = f.read(n)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"{self.path}: is a directory, not a safetensors file") from None
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path}: header is not valid JSON; not a safetensors file?") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+            if not raw.lstrip().startswith(b"{"):
+                raise ValueError
+            header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointError(f"{self.path}: header is not a JSON object; not a safetensors file?") from None
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ is not an object of strings")
+        self.metadata: dict[str, str] = metadata
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         data_len = size - self.data_start
-        for name, e in header.items():
-            self.entries[name] = self._check_entry(name, e, data_len)
-        self._map: np.memmap | None = None
+        spans = []
+        for name, entry in header.items():
+            info, begin, end = self._check_entry(name, entry, data_len)
+            self._add(name, info, [(self.data_start + begin, end - begin)])
+            spans.append((begin, end, name))
+        # the tensors must tile the data section: no overlap, no gap, nothing after the last one
+        pos = 0
+        for begin, end, name in sorted(spans):
+            if begin != pos:
+                what = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+                raise CheckpointError(f"{self.path}: tensor {name!r} {what}; the header is corrupt")
+            pos = end
+        if pos != data_len:
+            raise CheckpointError(f"{self.path}: {data_len - pos} bytes after the last tensor; the header is corrupt")
 
-    def _check_entry(self, name: str, e: object, data_len: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    def _check_entry(self, name: str, e: object, data_len: int) -> tuple[TensorInfo, int, int]:
         where = f"{self.path}: tensor {name!r}"
+        if not name:
+            raise CheckpointError(f"{self.path}: a tensor has an empty name")
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise CheckpointError(f"{where}: header entry lacks dtype, shape or data_offsets")
-        if e["dtype"] not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {e['dtype']!r}")
-        shape, offsets = e["shape"], e["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
+        code, offsets = e["dtype"], e["data_offsets"]
+        if not isinstance(code, str) or code not in CODES:
+            raise CheckpointError(f"{where}: unknown dtype {code!r}; supported: {', '.join(CODES)}")
+        shape = shape_of(e["shape"], where)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
         begin, end = offsets
-        dtype = DTYPES[e["dtype"]]
-        expected = math.prod(shape) * dtype.itemsize
+        info = TensorInfo(DTYPES[CODES[code]], shape)
         if not 0 <= begin <= end <= data_len:
             raise CheckpointError(f"{where}: bytes {begin}..{end} lie outside the {data_len} data bytes; truncated?")
-        if end - begin != expected:
-            raise CheckpointError(f"{where}: shape {shape} of {e['dtype']} needs {expected} bytes, "
+        if end - begin != info.nbytes:
+            raise CheckpointError(f"{where}: shape {list(shape)} of {code} needs {info.nbytes} bytes, "
                                   f"header gives {end - begin}")
-        return dtype, tuple(shape), begin, end
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def get(self, name: str) -> np.ndarray:
-        """A read-only view of the tensor, mapped from the file."""
-        dtype, shape, begin, end = self.entries[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._map[self.data_start + begin : self.data_start + end]
-        return raw.view(dtype).reshape(shape)
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for name in self.entries:
-            yield name, self.get(name)
+        return info, begin, end
 
 
-def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (in the given order) to a safetensors file."""
+class MindSporeSafetensorsFile(SafetensorsFile):
+    """A safetensors file as MindSpore writes it (MindFormers names, metadata {"format": "ms"})."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        for name in self.layout:
+            if name in self.metadata:  # MindSpore's per-tensor dtype override: packed int4
+                raise CheckpointError(f"{self.path}: tensor {name!r} is stored as MindSpore "
+                                      f"{self.metadata[name]!r}, which cannot be converted")
+
+
+def write_entries(path: str | Path, entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> None:
+    """Stream entries, in order, into a safetensors file."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
-    for name, a in tensors.items():
-        a = np.asarray(a)
-        if a.dtype not in CODES:
-            raise CheckpointError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for e in entries:
+        if e.info.dtype.name not in NAMES:
+            raise CheckpointError(f"tensor {e.name!r}: dtype {e.info.dtype} cannot be stored in safetensors")
+        if e.name in header:
+            raise CheckpointError(f"tensor {e.name!r} appears twice")
+        header[e.name] = {"dtype": NAMES[e.info.dtype.name], "shape": list(e.info.shape),
+                          "data_offsets": [offset, offset + e.info.nbytes]}
+        offset += e.info.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for a in tensors.values():
-            f.write(np.ascontiguousarray(a).tobytes())
+        for e in entries:
+            for chunk in counted(e, str(path)):
+                f.write(chunk)
+
+
+def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write in-memory tensors (in the given order) to a safetensors file."""
+    write_entries(path, entries_of(tensors), metadata)

@@ -1,0 +1,210 @@
+"""What every checkpoint reader and writer shares.
+
+A reader lists tensors (`keys`), describes one without reading it (`info`: dtype and shape), and
+streams its little-endian C-order bytes in chunks (`chunks`), so a conversion holds about one chunk in
+memory, never the model. `get` materialises one tensor as a NumPy array. A writer takes `Entry`s (name,
+dtype, shape and a callable that yields the bytes) and streams them out in order.
+
+File readers hand out each chunk as a view of a memory mapping of just that chunk's window of the
+file: no copy into a buffer, and the window is unmapped once the chunk is consumed (mapped pages count
+towards the process's resident memory, so a mapping of the whole file would not stay small).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import ml_dtypes
+import numpy as np
+
+from accel.errors import CheckpointError
+
+CHUNK = 16 << 20  # bytes per read: large enough for full disk speed, small against the memory budget
+
+# Every dtype a checkpoint may hold, by the name conversions and manifests use (np.dtype.name).
+DTYPES: dict[str, np.dtype] = {np.dtype(t).name: np.dtype(t) for t in (
+    np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.int16, np.int8,
+    np.uint64, np.uint32, np.uint16, np.uint8, np.bool_)}
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+Chunk = bytes | memoryview
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor to write: `chunks()` yields its bytes (little-endian, C order), exactly once."""
+
+    name: str
+    info: TensorInfo
+    chunks: Callable[[], Iterable[Chunk]]
+
+
+class Reader(Protocol):
+    path: Path
+
+    def keys(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]: ...
+
+    def chunks(self, name: str, begin: int = 0, end: int | None = None, size: int = CHUNK) -> Iterator[Chunk]: ...
+
+
+def shape_of(value: object, where: str) -> tuple[int, ...]:
+    """A shape from untrusted data: a list of non-negative integers (not booleans)."""
+    if not isinstance(value, list | tuple) or not all(type(x) is int and x >= 0 for x in value):
+        raise CheckpointError(f"{where}: shape {value!r} is not a list of non-negative integers")
+    return tuple(value)
+
+
+def entries_of(tensors: dict[str, np.ndarray]) -> list[Entry]:
+    """Writer entries for in-memory arrays."""
+    out = []
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        if a.dtype.name == "bfloat16" and a.dtype != DTYPES["bfloat16"]:
+            a = a.view(DTYPES["bfloat16"])  # MindSpore registers a bfloat16 of its own with NumPy
+        if a.dtype.name not in DTYPES or a.dtype != DTYPES[a.dtype.name]:
+            raise CheckpointError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in a checkpoint")
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # ascontiguousarray would make 0-d 1-d
+        out.append(Entry(name, TensorInfo(a.dtype, a.shape), _bytes_of(a)))
+    return out
+
+
+def _bytes_of(a: np.ndarray) -> Callable[[], list[memoryview]]:
+    return lambda: [a.reshape(-1).view(np.uint8).data]
+
+
+def counted(entry: Entry, where: str) -> Iterator[Chunk]:
+    """entry.chunks(), checked to add up to exactly the bytes its shape and dtype need."""
+    total = 0
+    for chunk in entry.chunks():
+        total += len(chunk)
+        if total > entry.info.nbytes:
+            break
+        yield chunk
+    if total != entry.info.nbytes:
+        raise CheckpointError(f"{where}: tensor {entry.name!r} produced {total} bytes, its shape "
+                              f"{list(entry.info.shape)} of {entry.info.dtype.name} needs {entry.info.nbytes}")
+
+
+class FileReader:
+    """Tensors stored as byte segments of one file; subclasses fill `self.layout` after checking it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        # name -> (info, [(file offset, length), ...]): several segments when a format splits a tensor
+        self.layout: dict[str, tuple[TensorInfo, list[tuple[int, int]]]] = {}
+        self._fd: int | None = None
+
+    def _stat(self) -> int:
+        """Size of the file, with a missing or unreadable path as a CheckpointError."""
+        try:
+            if self.path.is_dir():
+                raise CheckpointError(f"{self.path}: is a directory, not a file")
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
+
+    def _add(self, name: str, info: TensorInfo, segments: list[tuple[int, int]]) -> None:
+        if name in self.layout:
+            raise CheckpointError(f"{self.path}: tensor {name!r} appears twice")
+        if sum(n for _, n in segments) != info.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(info.shape)} of {info.dtype.name} "
+                                  f"({info.nbytes} bytes) but {sum(n for _, n in segments)} bytes of data")
+        self.layout[name] = (info, segments)
+
+    def keys(self) -> list[str]:
+        return list(self.layout)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.layout[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.layout[name][0].shape
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        return self._fd
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self._fileno(), n, offset)
+        if len(data) != n:
+            raise CheckpointError(f"{self.path}: ended early while reading; was it truncated while open?")
+        return data
+
+    def _view(self, n: int, offset: int) -> memoryview:
+        """n bytes at offset as a view of a mapping of just that window: no copy. The window is unmapped
+        as soon as the view is dropped, so mapped pages never pile up in the resident set."""
+        fd = self._fileno()
+        if os.fstat(fd).st_size < offset + n:  # a mapping past the end would fault (SIGBUS) when read
+            raise CheckpointError(f"{self.path}: ended early while reading; was it truncated while open?")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        window = mmap.mmap(fd, offset + n - start, offset=start, access=mmap.ACCESS_READ)
+        return memoryview(window)[offset - start : offset - start + n]
+
+    def chunks(self, name: str, begin: int = 0, end: int | None = None, size: int = CHUNK) -> Iterator[Chunk]:
+        """The tensor's bytes begin..end (default: all), at most `size` at a time; each chunk is valid
+        until the next one is asked for."""
+        info, segments = self.layout[name]
+        end = info.nbytes if end is None else end
+        pos = 0  # tensor offset at the start of the current segment
+        for offset, length in segments:
+            lo, hi = max(begin, pos), min(end, pos + length)
+            while lo < hi:
+                n = min(size, hi - lo)
+                yield self._view(n, offset + lo - pos)
+                lo += n
+            pos += length
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        out = np.empty(info.nbytes, np.uint8)
+        pos = 0
+        for chunk in self.chunks(name):
+            out[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            pos += len(chunk)
+        return out.view(info.dtype).reshape(info.shape)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.layout:
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

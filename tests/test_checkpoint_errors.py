@@ -1,0 +1,424 @@
+"""Bad input to `accel convert`: every case is one line on stderr, exit code 2, and nothing left behind
+where the output would have gone (no output, no temporary file or directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from accel.checkpoint import mindspore_ckpt, npz, safetensors, torch_bin
+from accel.checkpoint.base import entries_of
+from accel.cli import main
+from accel.errors import CheckpointError
+from tests.test_checkpoint_convert import synthetic
+
+
+def varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n >> 7 else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def ckpt_value(tag: str, ttype: str, dims: list[int], content: bytes) -> bytes:
+    """One Checkpoint.Value on the protobuf wire (independent of the writer under test)."""
+    field = lambda k, b: bytes([k]) + varint(len(b)) + b  # noqa: E731
+    tensor = b"".join(b"\x08" + varint(x) for x in dims) + field(0x12, ttype.encode()) + field(0x1A, content)
+    return field(0x0A, field(0x0A, tag.encode()) + field(0x12, tensor))
+
+
+def st_header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def st_rewrite(path: Path, header_text: str, data: bytes) -> None:
+    raw = header_text.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A valid Baichuan checkpoint in every format, and an empty directory for outputs."""
+    params = synthetic("baichuan")
+    src = tmp_path / "src"
+    src.mkdir()
+    safetensors.write(src / "model.safetensors", params, {"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    return tmp_path, src, out, params
+
+
+def run_case(capsys, out: Path, args: list[str], *needles: str) -> str:
+    before = sorted(out.rglob("*"))
+    rc = main(["convert", *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("accel convert: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert sorted(out.rglob("*")) == before, "something was left behind"
+    leftovers = [p for p in out.parent.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+    return lines[0]
+
+
+def to(out: Path, fmt: str = "mindspore-ckpt", name: str = "x.ckpt") -> list[str]:
+    return ["--model", "baichuan", "--to", f"{fmt}:{out / name}"]
+
+
+# --- safetensors --------------------------------------------------------------------------------------
+
+
+def test_truncated_safetensors(env, capsys):
+    tmp, src, out, _ = env
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    run_case(capsys, out, ["--from", f"safetensors:{f}", *to(out)], "model.safetensors", "truncated?")
+
+
+def test_header_claims_more_bytes_than_exist(env, capsys):
+    tmp, src, out, _ = env
+    f = src / "model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", len(raw) * 3) + raw[8:])
+    run_case(capsys, out, ["--from", f"safetensors:{f}", *to(out)], "header claims", "truncated?")
+
+
+def test_safetensors_shape_disagrees_with_bytes(env, capsys):
+    tmp, src, out, _ = env
+    f = src / "model.safetensors"
+    header, data = st_header(f)
+    header["model.norm.weight"]["shape"] = [33]
+    st_rewrite(f, json.dumps(header), data)
+    run_case(capsys, out, ["--from", f"safetensors:{f}", *to(out)], "'model.norm.weight'", "needs 132 bytes",
+             "gives 128")
+
+
+def test_safetensors_duplicate_tensor_names(env, capsys):
+    tmp, src, out, _ = env
+    f = src / "model.safetensors"
+    header, data = st_header(f)
+    text = json.dumps(header)
+    entry = json.dumps(header["model.norm.weight"])
+    st_rewrite(f, text[:-1] + f', "model.norm.weight": {entry}}}', data)
+    run_case(capsys, out, ["--from", f"safetensors:{f}", *to(out)], "'model.norm.weight' appears twice")
+
+
+def test_safetensors_unknown_dtype(env, capsys):
+    tmp, src, out, _ = env
+    f = src / "model.safetensors"
+    header, data = st_header(f)
+    header["lm_head.weight"]["dtype"] = "F8_E4M3"
+    st_rewrite(f, json.dumps(header), data)
+    run_case(capsys, out, ["--from", f"safetensors:{f}", *to(out)], "unknown dtype 'F8_E4M3'")
+
+
+def test_safetensors_overlapping_tensors(env, capsys):
+    tmp, src, out, _ = env
+    f = src / "model.safetensors"
+    header, data = st_header(f)
+    header["model.norm.weight"]["data_offsets"] = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+    st_rewrite(f, json.dumps(header), data)
+    run_case(capsys, out, ["--from", f"safetensors:{f}", *to(out)], "overlaps the tensor before it")
+
+
+def test_empty_file(env, capsys):
+    tmp, src, out, _ = env
+    (src / "model.safetensors").write_bytes(b"")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "too short")
+
+
+def test_missing_source(env, capsys):
+    tmp, src, out, _ = env
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{tmp / 'nope.ckpt'}", *to(out)], "nope.ckpt: no such file")
+
+
+# --- sharded HF directories ---------------------------------------------------------------------------
+
+
+def sharded(src: Path, params: dict, shard_of: dict | None = None) -> None:
+    (src / "model.safetensors").unlink()
+    names = list(params)
+    safetensors.write(src / "a.safetensors", {n: params[n] for n in names[:8]})
+    safetensors.write(src / "b.safetensors", {n: params[n] for n in names[8:]})
+    weight_map = {n: ("a.safetensors" if i < 8 else "b.safetensors") for i, n in enumerate(names)}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map | (shard_of or {})}))
+
+
+def test_missing_shard(env, capsys):
+    tmp, src, out, params = env
+    sharded(src, params)
+    (src / "b.safetensors").unlink()
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "shard b.safetensors is missing")
+
+
+def test_index_points_outside_the_directory(env, capsys):
+    tmp, src, out, params = env
+    shutil.copy(src / "model.safetensors", tmp / "elsewhere.safetensors")
+    sharded(src, params, {"lm_head.weight": "../elsewhere.safetensors"})
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "'../elsewhere.safetensors' points outside")
+
+
+def test_index_is_not_json(env, capsys):
+    tmp, src, out, params = env
+    sharded(src, params)
+    (src / "model.safetensors.index.json").write_text("{weight_map: oops")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "is not a valid index")
+
+
+# --- torch-bin ----------------------------------------------------------------------------------------
+
+
+class Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_would_run_code(env, capsys):
+    tmp, src, out, _ = env
+    marker = tmp / "pwned"
+    with zipfile.ZipFile(src / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"w": Exploit(marker)}, protocol=2))
+    (src / "model.safetensors").unlink()
+    run_case(capsys, out, ["--from", f"torch-bin:{src}", *to(out)], "posix.system", "could run code")
+    assert not marker.exists()
+
+
+def test_torch_bin_storage_smaller_than_its_tensor(env, capsys):
+    tmp, src, out, params = env
+    good = tmp / "good.bin"
+    torch_bin.write_entries(good, entries_of(params))
+    bad = src / "pytorch_model.bin"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for zi in zin.infolist():
+            data = zin.read(zi)
+            zout.writestr(zi.filename, data[:-4] if zi.filename == "archive/data/3" else data)
+    run_case(capsys, out, ["--from", f"torch-bin:{bad}", *to(out)], "storage data/3 holds", "need")
+
+
+def test_legacy_torch_save_format(env, capsys):
+    import torch
+
+    tmp, src, out, _ = env
+    f = tmp / "legacy.bin"
+    torch.save({"w": torch.ones(3)}, f, _use_new_zipfile_serialization=False)
+    run_case(capsys, out, ["--from", f"torch-bin:{f}", *to(out)], "legacy", "re-save it")
+
+
+def test_truncated_torch_bin(env, capsys):
+    import torch
+
+    tmp, src, out, _ = env
+    f = tmp / "t.bin"
+    torch.save({"w": torch.ones(300)}, f)
+    f.write_bytes(f.read_bytes()[:700])
+    run_case(capsys, out, ["--from", f"torch-bin:{f}", *to(out)], "t.bin: not a zip archive")
+
+
+# --- MindSpore .ckpt ----------------------------------------------------------------------------------
+
+
+def test_truncated_ckpt(env, capsys):
+    tmp, src, out, params = env
+    f = tmp / "m.ckpt"
+    mindspore_ckpt.write(f, params)
+    f.write_bytes(f.read_bytes()[:-100])
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{f}", *to(out, "safetensors", "x.safetensors")],
+             "m.ckpt", "corrupt")
+
+
+def test_ckpt_dims_disagree_with_content(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "m.ckpt"
+    f.write_bytes(ckpt_value("lm_head.weight", "Float32", [4, 3], b"\0" * 44))
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{f}", *to(out, "npz", "x.npz")],
+             "'lm_head.weight' has shape [4, 3] of float32 (48 bytes) but 44 bytes of data")
+
+
+def test_ckpt_duplicate_tag(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "m.ckpt"
+    one = ckpt_value("lm_head.weight", "Float32", [2], b"\0" * 8)
+    f.write_bytes(one + ckpt_value("model.norm_out.weight", "Float32", [1], b"\0" * 4) + one)
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{f}", *to(out, "npz", "x.npz")],
+             "'lm_head.weight' appears twice")
+
+
+def test_ckpt_unknown_tensor_type(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "m.ckpt"
+    f.write_bytes(ckpt_value("lm_head.weight", "Float8E4M3", [2], b"\0" * 2))
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{f}", *to(out, "npz", "x.npz")],
+             "unknown tensor_type 'Float8E4M3'")
+
+
+def test_ckpt_split_pieces_disagree(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "m.ckpt"
+    f.write_bytes(ckpt_value("w", "Float32", [4], b"\0" * 8) + ckpt_value("w", "Float32", [5], b"\0" * 8))
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{f}", *to(out, "npz", "x.npz")],
+             "pieces of tensor 'w' disagree")
+
+
+def test_ckpt_crc_mismatch(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "m.ckpt"
+    body = ckpt_value("lm_head.weight", "Float32", [2], b"\0" * 8)
+    f.write_bytes(body + b"crc_num" + (12345).to_bytes(10, "big"))
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{f}", *to(out, "npz", "x.npz")], "CRC-32", "damaged")
+
+
+def test_ckpt_missing_part_of_a_fused_tensor(env, capsys):
+    tmp, src, out, params = env
+    ms = tmp / "m.ckpt"
+    assert main(["convert", "--model", "baichuan", "--from", f"safetensors:{src}", "--to", f"mindspore-ckpt:{ms}"]) == 0
+    capsys.readouterr()
+    reader = mindspore_ckpt.MindSporeCkptFile(ms)
+    mindspore_ckpt.write(ms, {k: reader.get(k) for k in reader.keys() if k != "model.layers.1.attention.wk.weight"})
+    run_case(capsys, out, ["--from", f"mindspore-ckpt:{ms}", *to(out, "safetensors", "x.safetensors")],
+             "cannot rebuild model.layers.1.self_attn.W_pack.weight", "wk.weight is missing")
+
+
+# --- npz, MindSpore safetensors -----------------------------------------------------------------------
+
+
+def test_npz_with_a_pickled_object_array(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "x.npz"
+    np.savez(f, w=np.array([{"a": 1}], dtype=object))
+    run_case(capsys, out, ["--from", f"npz:{f}", *to(out)], "array 'w'", "unsupported array type '|O'")
+
+
+def test_truncated_npz(env, capsys):
+    tmp, src, out, params = env
+    f = tmp / "x.npz"
+    npz.write(f, params)
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    run_case(capsys, out, ["--from", f"npz:{f}", *to(out)], "x.npz: not a zip archive")
+
+
+def test_mindspore_safetensors_int4(env, capsys):
+    tmp, src, out, _ = env
+    f = tmp / "q.safetensors"
+    safetensors.write(f, {"w": np.zeros(4, np.int8)}, {"format": "ms", "w": "Int4"})
+    run_case(capsys, out, ["--from", f"mindspore-safetensors:{f}", *to(out)], "'w' is stored as MindSpore 'Int4'")
+
+
+# --- key maps and options -----------------------------------------------------------------------------
+
+
+def test_key_unknown_to_the_key_map(env, capsys):
+    tmp, src, out, params = env
+    safetensors.write(src / "model.safetensors", params | {"model.layers.0.self_attn.rotary.cos": np.ones(2)})
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)],
+             "'model.layers.0.self_attn.rotary.cos' is not in the baichuan key map", "--allow-unmapped")
+    assert main(["convert", "--from", f"safetensors:{src}", *to(out), "--allow-unmapped"]) == 0
+
+
+def test_config_disagrees_with_the_fused_rows(env, capsys):
+    tmp, src, out, _ = env
+    cfg = tmp / "config.json"
+    cfg.write_text(json.dumps({"model_type": "baichuan", "hidden_size": 24, "num_attention_heads": 2}))
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out), "--config", str(cfg)],
+             "W_pack.weight has 96 rows but the config gives q=24+kv=24+kv=24 = 72")
+
+
+def test_names_cannot_be_mapped_without_a_family(env, capsys):
+    tmp, src, out, _ = env
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"mindspore-ckpt:{out / 'x.ckpt'}"],
+             "without the model family", "--model")
+
+
+def test_unknown_format(env, capsys):
+    tmp, src, out, _ = env
+    run_case(capsys, out, ["--from", f"gguf:{src}", *to(out)], "unknown checkpoint format 'gguf'")
+
+
+def test_bad_max_shard_size(env, capsys):
+    tmp, src, out, _ = env
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out, "safetensors", "dir"),
+                           "--max-shard-size", "2 lots"], "is not a size")
+
+
+# --- where the output goes ----------------------------------------------------------------------------
+
+
+def test_output_would_overwrite_the_source(env, capsys):
+    tmp, src, out, _ = env
+    before = (src / "model.safetensors").read_bytes()
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"safetensors:{src / 'model.safetensors'}"],
+             "is part of the source")
+    assert (src / "model.safetensors").read_bytes() == before
+
+
+def test_sharded_output_directory_exists(env, capsys):
+    tmp, src, out, _ = env
+    (out / "hf").mkdir()
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"torch-bin:{out / 'hf'}"], "already exists")
+
+
+def test_output_parent_is_a_file(env, capsys):
+    tmp, src, out, _ = env
+    (out / "file").write_text("x")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out / "file")], "cannot write", "Not a directory")
+
+
+def test_output_under_proc(env, capsys):
+    tmp, src, out, _ = env
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--model", "baichuan", "--to",
+                           "mindspore-ckpt:/proc/accel-convert-test.ckpt"],
+             "cannot write /proc/accel-convert-test.ckpt")
+    assert not Path("/proc/accel-convert-test.ckpt").exists()
+
+
+def test_full_disk(env):
+    """RLIMIT_FSIZE makes writes past 64 KiB fail with EFBIG, for root too (CPython ignores SIGXFSZ)."""
+    tmp, src, out, params = env
+    big = {f"model.layers.{i}.mlp.up_proj.weight": np.ones((256, 256), np.float32) for i in range(4)}
+    safetensors.write(src / "model.safetensors", params | big)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+            "from accel.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "convert", "--from", f"safetensors:{src}", *to(out)],
+                       capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "cannot write" in lines[0] and "File too large" in lines[0]
+    assert list(out.iterdir()) == []
+
+
+def test_failure_in_the_middle_of_a_tensor(env, capsys, monkeypatch):
+    """A read that fails after the writer and the hashing threads have started: the error surfaces,
+    the threads stop, and the half-written output is removed."""
+    from accel.checkpoint.base import FileReader
+
+    tmp, src, out, params = env
+    safetensors.write(src / "model.safetensors", params | {"lm_head.weight": np.ones((64, 160_000), np.float32)})
+    calls, view = [], FileReader._view
+
+    def failing(self, n, offset):
+        calls.append(n)
+        if len(calls) == 22:  # 20 small tensors, then the second 16 MiB chunk of the 41 MB lm_head
+            raise CheckpointError(f"{self.path}: ended early while reading; was it truncated while open?")
+        return view(self, n, offset)
+
+    monkeypatch.setattr(FileReader, "_view", failing)
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "ended early while reading")
+    assert len(calls) == 22 and calls[-1] == 16 << 20
