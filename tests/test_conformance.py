@@ -318,3 +318,23 @@ def test_pytest_plugin_runs_cases_with_readable_ids(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:]
     assert "test_inference[qwen2-tiny-float32-torch:cpu]" in r.stdout
     assert "2 passed" in r.stdout
+
+
+def test_training_case_catches_a_loss_that_ignores_the_prompt_mask():
+    from accel.conformance.training import run_training_case
+
+    assert run_training_case(open_target("torch:cpu", policy={}), "qwen2-tiny", "float32", Context()).status == "pass"
+    unmasked = faulty("cross_entropy", lambda logits, labels, ignore_index=-100:
+                      te.cross_entropy(logits, labels.clamp(min=0), ignore_index))
+    row = run_training_case(unmasked, "qwen2-tiny", "float32", Context())
+    assert row.status == "fail" and "loss rel" in row.detail
+    assert len(row.series["loss"]) == len(row.series["reference_loss"]) == 6
+
+
+def test_checkpoint_case_round_trips_through_mindspore_names():
+    from accel.conformance.checkpoints import run_checkpoint_case
+
+    row = run_checkpoint_case(open_target("torch:cpu", policy={}), "chatglm3-tiny:mindspore-ckpt", "bfloat16",
+                              Context())
+    assert row.status == "pass", row.detail
+    assert row.metrics["tensors"] > 10 and row.metrics["max_abs"] == 0.0
