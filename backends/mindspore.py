@@ -49,7 +49,7 @@ _DTYPES = {"float64": ms.float64, "float32": ms.float32, "float16": ms.float16, 
            "int64": ms.int64, "int32": ms.int32, "int8": ms.int8, "uint8": ms.uint8, "bool": ms.bool_}
 _LOW = (ms.float16, ms.bfloat16)
 _MS_TARGET = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
-_COLLECTIVES = {"cpu": None, "gpu": "nccl", "ascend": "hccl"}
+_COLLECTIVES = {"cpu": "mccl", "gpu": "nccl", "ascend": "hccl"}
 MODES = ("pynative", "graph")
 
 
