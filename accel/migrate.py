@@ -441,6 +441,7 @@ def enable(target: str | None = None) -> str:
         for owner, attr, new, _ in patches:
             saved.append((owner, attr, vars(owner).get(attr, _MISSING)))
             setattr(owner, attr, new)
+        _forget_constructor_cache()
         _state.update(target=name, saved=saved)
         if patches:
             log.info("accel.migrate: CUDA calls now run on %s; patched %d entry points: %s",
@@ -458,7 +459,22 @@ def disable() -> None:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, original)
+        _forget_constructor_cache()
         _state.update(target=None, saved=[])
+
+
+def _forget_constructor_cache() -> None:
+    """torch's `with torch.device(...)` mode recognises factory functions through a set it caches on first
+    use. Built while patched, it would hold our wrappers, and after disable() the real torch.empty would go
+    unrecognised: modules built under a meta-device context (as transformers loads models) would get real
+    storage with garbage in it. The set is rebuilt on both sides of a patch."""
+    try:
+        import torch.utils._device as device_mode
+    except ImportError:  # pragma: no cover - torch before 2.0 has no device context
+        return
+    constructors = getattr(device_mode, "_device_constructors", None)
+    if constructors is not None and hasattr(constructors, "cache_clear"):
+        constructors.cache_clear()
 
 
 def enabled() -> str | None:

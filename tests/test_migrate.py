@@ -291,3 +291,15 @@ def test_the_cuda_fixture_really_needs_cuda():
     done = subprocess.run([sys.executable, str(FIXTURES / "train_cuda.py"), os.devnull], capture_output=True,
                           text=True, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, timeout=120)
     assert done.returncode != 0 and "needs a CUDA device" in done.stderr
+
+
+def test_device_context_works_again_after_disable():
+    # torch caches the factory functions its device context intercepts; a cache built while patched
+    # must not outlive disable() (transformers builds models under a meta-device context)
+    migrate.disable()
+    migrate.enable("torch:cpu")
+    with torch.device("cuda"):
+        assert torch.empty(1).device.type == "cpu"
+    migrate.disable()
+    with torch.device("meta"):
+        assert torch.empty(2).is_meta and torch.zeros(3).is_meta
