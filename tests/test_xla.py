@@ -1,0 +1,131 @@
+"""xla:cpu: every op against the NumPy oracle at every dtype it claims; every tiny preset under jax.jit
+against torch:cpu (prefill logits, greedy tokens through the KV cache); 10 AdamW steps against
+torch:cpu; and what jit does with shapes, caches and taps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accel.conformance.cases import run_inference_case, run_op_case
+from accel.conformance.op_cases import CASES
+from accel.errors import TargetUnavailable
+from accel.models import from_preset, presets
+from accel.models._layers import Taps
+from accel.runtime import forward_fn, place
+from accel.targets import open_target
+from accel.train import train
+
+jax = pytest.importorskip("jax")
+
+TINY = sorted(name for name in presets() if name.endswith("-tiny"))
+CLAIMED = ("float32", "bfloat16", "float16")
+
+
+@pytest.fixture(scope="module")
+def xla():
+    return open_target("xla:cpu", policy={})
+
+
+@pytest.fixture(scope="module")
+def torch_cpu():
+    return open_target("torch:cpu", policy={})
+
+
+def prefill_and_tokens(backend, model, params, ids, new_tokens=8):
+    """Prefill logits (float32) and greedy tokens, through one compiled forward and the KV cache."""
+    p = place(backend, params, "float32")
+    forward = forward_fn(model, backend)
+    cache = model.new_cache()
+    logits = forward(p, backend.asarray(ids, "int64"), cache)
+    first, tokens = np.asarray(backend.to_numpy(logits), np.float32), []
+    for step in range(new_tokens):
+        nxt = np.argmax(np.asarray(backend.to_numpy(logits), np.float32)[:, -1], axis=-1)
+        tokens.append(int(nxt[0]))
+        if step + 1 < new_tokens:
+            logits = forward(p, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
+    return first, tokens, cache
+
+
+def test_claims_no_float64_and_leaves_x64_alone(xla):
+    assert xla.capabilities().dtypes == CLAIMED
+    assert xla.capabilities().training and xla.capabilities().compiled
+    assert not jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("dtype", CLAIMED)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}[{c.shape}]")
+def test_op_matches_oracle(xla, case, dtype):
+    row = run_op_case(xla, case, dtype)
+    assert row.status == "pass", row.detail
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_model_under_jit_matches_torch_cpu(xla, torch_cpu, preset):
+    model, params = from_preset(preset)
+    ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
+    got, got_tokens, cache = prefill_and_tokens(xla, model, params, ids)
+    want, want_tokens, _ = prefill_and_tokens(torch_cpu, model, params, ids)
+    assert np.abs(want).max() > 0.1
+    assert np.abs(got - want).max() <= 1e-4
+    assert got_tokens == want_tokens and len(set(want_tokens)) > 1
+    # the caller's cache object carries the state the jitted forward returned
+    assert cache.length == 9 + 7
+    assert all(isinstance(k, jax.Array) and k.shape[1] == 16 for k, _ in cache.layers)
+
+
+def test_jit_traces_once_per_shape(xla):
+    traces = []
+
+    def f(x, y):
+        traces.append(x.shape)  # runs only while tracing
+        return xla.ops.add(xla.ops.mul(x, 2.0), y)
+
+    g = xla.compile(f)
+    a = xla.asarray(np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(xla.to_numpy(g(a, a)), np.full((2, 3), 3.0))
+    g(a, xla.asarray(np.zeros((2, 3), np.float32)))
+    assert traces == [(2, 3)]
+    g(xla.asarray(np.ones((4, 3), np.float32)), xla.asarray(np.ones((4, 3), np.float32)))
+    assert len(traces) == 2
+
+
+def test_taps_leave_jit_as_arrays(xla):
+    # the conformance inference case collects taps through a closure: they must come back as values
+    model, params = from_preset("qwen2-tiny")
+    taps = Taps()
+    p = place(xla, params, "float32")
+    run = xla.compile(lambda w, x: model.forward(xla.ops, w, x, taps=taps))
+    logits = run(p, xla.asarray(np.array([[3, 1, 4, 1, 5]]), "int64"))
+    assert taps["logits"].shape == logits.shape and isinstance(taps["layers.1.attn"], jax.Array)
+    assert taps.ops["layers.0.q_rope"] == "rope"
+    np.testing.assert_array_equal(xla.to_numpy(taps["logits"]), xla.to_numpy(logits))
+    row = run_inference_case(xla, "qwen2-tiny", "float32")
+    assert row.status == "pass", row.detail
+
+
+def test_training_matches_torch_cpu(xla, torch_cpu):
+    model, params = from_preset("qwen2-tiny")
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(10):
+        tokens = rng.integers(0, model.vocab_size, (2, 17))
+        labels = tokens[:, 1:].copy()
+        labels[:, :4] = -100
+        batches.append({"input_ids": tokens[:, :-1], "labels": labels})
+    losses = {b.target: np.array([r.loss for r in train(model, b, params, batches, 10, 1e-3)])
+              for b in (torch_cpu, xla)}
+    want, got = losses["torch:cpu"], losses["xla:cpu"]
+    assert len(got) == 10 and want[-1] != want[0]  # the weights moved
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=0)
+
+
+def test_missing_platform_is_reported_not_replaced():
+    from accel.backends.xla import XlaBackend
+
+    reason = XlaBackend.probe("gpu")
+    if reason is None:
+        pytest.skip("this machine has a JAX GPU")
+    assert "gpu" in reason and "\n" not in reason
+    with pytest.raises(TargetUnavailable, match="xla:gpu"):
+        open_target("xla:gpu")
