@@ -10,14 +10,20 @@ run's dirty pages slow it down; wall time is the child's, CPU time (user + syste
 
 - cp: `cp` of the same bytes (which returns with the copy still in the page cache), and cp+sync: the
   same followed by `sync FILE`, since accel fsyncs its output before renaming it into place.
-- sha256sum: the SHA-256 of the same bytes, alone: the hashing accel does for its manifest.
-- accel: `accel convert` (streams, SHA-256 of every tensor for the manifest, fsync, rename).
+- sha256sum: the SHA-256 of the same bytes, alone (coreutils, for scale).
+- accel: `accel convert` (tensor bytes copied file to file with copy_file_range, SHA-256 of every
+  tensor for the manifest on two threads, writeback started as it goes, fsync, rename).
+- accel --dtype float16: the same through the streaming cast path (every chunk read, cast, written).
 - load-everything: what the usual converter scripts do: read every tensor into memory, rename and
   split them, build MindSpore tensors, call save_checkpoint. Its output must be byte-identical to
   accel's.
 
-Files live under --dir (the same file system for all) and are removed at the end. Reads come from the
-page cache (the source is read once before timing).
+In the first round the manifest's SHA-256 of every tensor is checked against hashlib over the tensors
+read back from accel's output, and the cast output against NumPy's cast of the source.
+
+Files live under --dir (the same file system for all); the copies are removed as soon as they are
+timed, the converted files at the end of each round. Reads come from the page cache (the source is
+read once before timing).
 
     .venv/bin/python benchmarks/convert.py --size-gb 2 --repeats 3
 """
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -37,9 +45,13 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from accel.checkpoint import safetensors
 from accel.checkpoint.base import Entry, TensorInfo
+from accel.checkpoint.keymap import KeyMap
+from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
+from accel.checkpoint.safetensors import SafetensorsFile
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -97,20 +109,51 @@ def synthetic(path: Path, size_gb: float) -> tuple[int, int]:
     return layers, path.stat().st_size
 
 
+def check_outputs(src: Path, ckpt: Path, cast: Path) -> None:
+    """The manifest's SHA-256 of every tensor against hashlib over the tensors read back from the output;
+    the cast output against NumPy's cast of the source tensors (by the key map's plan, read independently)."""
+    manifest = json.loads(ckpt.with_name(ckpt.name + ".manifest.json").read_text())["tensors"]
+    out = MindSporeCkptFile(ckpt)
+    if set(out.keys()) != set(manifest):
+        raise SystemExit("manifest and output name different tensors")
+    for name in out.keys():
+        h = hashlib.sha256()
+        for chunk in out.chunks(name):
+            h.update(chunk)
+        if h.hexdigest() != manifest[name]["sha256"]:
+            raise SystemExit(f"manifest SHA-256 of {name} does not match the output")
+    casted = MindSporeCkptFile(cast)
+    with safe_open(str(src), "numpy") as f:
+        for p in KeyMap("baichuan").plan(SafetensorsFile(src), "hf", "mindformers")[:10]:  # embedding, layer 0
+            (name, begin, end), = p.pieces
+            want = f.get_tensor(name).reshape(-1).view(np.uint8)[begin:end].view(BF16).astype(np.float16)
+            if casted.get(p.name).tobytes() != want.tobytes():
+                raise SystemExit(f"cast output of {p.name} differs from NumPy's cast")
+    print("  manifest SHA-256 of every tensor matches the output; cast output matches NumPy's cast")
+
+
+GNU_TIME = "/usr/bin/time"
+
+
 def run_child(cmd: list[str]) -> tuple[float, int, str, float]:
     """(wall seconds, peak RSS bytes, stdout, CPU seconds) of a child process; os.wait4 gives this
-    child's own rusage (with its children's: `sh -c` waits for cp and sync)."""
+    child's own rusage (with its children's: `sh -c` waits for cp and sync). Its ru_maxrss also counts
+    this process's resident set at the fork (~80 MiB), so the peak RSS is taken from GNU time, which
+    forks the command from a small process, where there is one."""
+    timed = os.access(GNU_TIME, os.X_OK)
     start = time.perf_counter()
-    with open(os.devnull, "w") as null, tempfile.TemporaryFile("w+") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=null)
+    with open(os.devnull, "w") as null, tempfile.TemporaryFile("w+") as out, \
+            tempfile.NamedTemporaryFile("r") as peak:
+        p = subprocess.Popen([GNU_TIME, "-f", "%M", "-o", peak.name, *cmd] if timed else cmd, stdout=out, stderr=null)
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - start
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read()
+        rss = int(peak.read().split()[-1]) if timed else usage.ru_maxrss
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} failed with exit code {p.returncode}")
-    return wall, usage.ru_maxrss * 1024, text, usage.ru_utime + usage.ru_stime
+    return wall, rss * 1024, text, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -127,7 +170,9 @@ def main() -> None:
         layers, size = synthetic(src, args.size_gb)
         print(f"synthetic checkpoint: {layers} layers, {size / 1e9:.3f} GB at {src}")
         subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # into the page cache
-        times: dict[str, list[float]] = {"cp": [], "cp+sync": [], "sha256sum": [], "accel": [], "load-everything": []}
+        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        times: dict[str, list[float]] = {"cp": [], "cp+sync": [], "sha256sum": [], "accel": [], "accel-cast": [],
+                                         "load-everything": []}
         inner: list[float] = []
         rss: dict[str, int] = {k: 0 for k in times}
         cpu: dict[str, list[float]] = {k: [] for k in times}
@@ -140,15 +185,17 @@ def main() -> None:
                     cmd = ["sh", "-c", f"cp {src} {dst} && sync {dst}"]
                 elif name == "sha256sum":  # the hashing accel does for its manifest, alone, on one core
                     cmd = ["sha256sum", str(src)]
-                elif name == "accel":
+                elif name in ("accel", "accel-cast"):
                     cmd = [py, "-m", "accel.cli", "convert", "--model", "baichuan", "--from", f"safetensors:{src}",
-                           "--to", f"mindspore-ckpt:{dst}"]
+                           "--to", f"mindspore-ckpt:{dst}"] + (["--dtype", "float16"] if name == "accel-cast" else [])
                 elif args.skip_baseline:
                     continue
                 else:
                     cmd = [py, "-c", LOAD_EVERYTHING, str(src), str(dst)]
                 os.sync()  # no earlier run's dirty pages left to slow this one down
                 wall, peak, out, used = run_child(cmd)
+                if name in ("cp", "cp+sync"):  # not compared: gone, so every contender meets the same free memory
+                    dst.unlink()
                 times[name].append(wall)
                 cpu[name].append(used)
                 rss[name] = max(rss[name], peak)
@@ -156,6 +203,8 @@ def main() -> None:
                     inner.append(float(out.split()[0]))
                 print(f"round {r + 1} {name:16s} {wall:7.2f} s  CPU {used:6.2f} s  peak RSS {peak / 2**20:8.1f} MiB  "
                       f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+            if r == 0:
+                check_outputs(src, work / "accel.ckpt", work / "accel-cast.ckpt")
             if not args.skip_baseline:
                 same = filecmp.cmp(work / "accel.ckpt", work / "load-everything.ckpt", shallow=False)
                 print(f"  accel output byte-identical to save_checkpoint's: {same}")
@@ -170,6 +219,7 @@ def main() -> None:
                   f"peak RSS {rss[k] / 2**20:8.1f} MiB")
         print(f"  accel throughput / cp: {med['cp'] / med['accel']:.2f}; "
               f"/ cp+sync: {med['cp+sync'] / med['accel']:.2f}")
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if inner:
             print(f"  load-everything / accel: {med['load-everything'] / med['accel']:.2f} (wall); "
                   f"{statistics.median(inner) / med['accel']:.2f} (its conversion alone, imports excluded)")

@@ -8,17 +8,23 @@ dtype, shape and a callable that yields the bytes) and streams them out in order
 File readers hand out each chunk as a view of a memory mapping of just that chunk's window of the
 file: no copy into a buffer, and the window is unmapped once the chunk is consumed (mapped pages count
 towards the process's resident memory, so a mapping of the whole file would not stay small).
+
+A tensor stored in its file as it is (no gather, no inflate) can also be handed to a writer as `Span`s,
+byte ranges of the open file, which the writer copies file to file inside the kernel (`copy_file_range`,
+as `cp` does): the bytes never pass through the process's mappings, which costs about half the CPU time
+of writing them out of one.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -46,12 +52,24 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class Span:
+    """`length` bytes at `offset` of the file open as `fd`."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Entry:
-    """One tensor to write: `chunks()` yields its bytes (little-endian, C order), exactly once."""
+    """One tensor to write: `chunks()` yields its bytes (little-endian, C order); `spans()`, when given,
+    yields the same bytes as ranges of open files, for a file-to-file copy. A writer calls one of the two,
+    once (`pieces`)."""
 
     name: str
     info: TensorInfo
     chunks: Callable[[], Iterable[Chunk]]
+    spans: Callable[[], Iterable[Span]] | None = None
 
 
 class Reader(Protocol):
@@ -97,17 +115,77 @@ def _bytes_of(a: np.ndarray) -> Callable[[], list[memoryview]]:
     return lambda: [a.reshape(-1).view(np.uint8).data]
 
 
+def size_of(piece: Chunk | Span) -> int:
+    return piece.length if isinstance(piece, Span) else memoryview(piece).nbytes
+
+
+def pieces(entry: Entry, where: str) -> Iterator[Chunk | Span]:
+    """The entry's bytes, as spans when it has them (else chunks), checked to add up to exactly the bytes
+    its shape and dtype need."""
+    return _counted(entry, entry.chunks() if entry.spans is None else entry.spans(), where)
+
+
 def counted(entry: Entry, where: str) -> Iterator[Chunk]:
-    """entry.chunks(), checked to add up to exactly the bytes its shape and dtype need."""
+    """entry.chunks(), checked as `pieces` checks them (for writers that take bytes only)."""
+    return _counted(entry, entry.chunks(), where)
+
+
+P = TypeVar("P", Chunk, Span, Chunk | Span)
+
+
+def _counted(entry: Entry, items: Iterable[P], where: str) -> Iterator[P]:
     total = 0
-    for chunk in entry.chunks():
-        total += len(chunk)
+    for piece in items:
+        total += size_of(piece)
         if total > entry.info.nbytes:
             break
-        yield chunk
+        yield piece
     if total != entry.info.nbytes:
         raise CheckpointError(f"{where}: tensor {entry.name!r} produced {total} bytes, its shape "
                               f"{list(entry.info.shape)} of {entry.info.dtype.name} needs {entry.info.nbytes}")
+
+
+# copy_file_range refuses a pair of files it cannot copy between (EXDEV across file systems since Linux
+# 5.19, EINVAL or EOPNOTSUPP on some file systems); sendfile, then read and write, move the same bytes.
+_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def put(out: BinaryIO, piece: Chunk | Span, begin: int = 0, end: int | None = None) -> None:
+    """Bytes begin..end of a piece appended to `out`: a span is copied file to file inside the kernel."""
+    if not isinstance(piece, Span):
+        out.write(memoryview(piece).cast("B")[begin:end])
+        return
+    end = piece.length if end is None else end
+    out.flush()  # the copy writes at the file position, after what is buffered
+    fd, offset, left = out.fileno(), piece.offset + begin, end - begin
+    mover = _copy_file_range
+    while left:
+        try:
+            n = mover(piece.fd, fd, offset, left)
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED or mover is _read_write:
+                raise
+            mover = _sendfile if mover is _copy_file_range else _read_write
+            continue
+        if n == 0:
+            raise CheckpointError(f"{out.name}: the source ended early while copying; was it truncated while open?")
+        offset, left = offset + n, left - n
+
+
+def _copy_file_range(src: int, dst: int, offset: int, n: int) -> int:
+    return os.copy_file_range(src, dst, n, offset)
+
+
+def _sendfile(src: int, dst: int, offset: int, n: int) -> int:
+    return os.sendfile(dst, src, offset, n)
+
+
+def _read_write(src: int, dst: int, offset: int, n: int) -> int:
+    data = os.pread(src, min(n, CHUNK), offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(dst, view):]
+    return len(data)
 
 
 class FileReader:
@@ -161,6 +239,11 @@ class FileReader:
             raise CheckpointError(f"{self.path}: ended early while reading; was it truncated while open?")
         return data
 
+    def copyable(self, name: str) -> bool:
+        """Whether the tensor's bytes lie in the file as they are, at `windows(name)`: true unless a
+        subclass gathers or inflates some tensors in its own `chunks`."""
+        return type(self).chunks is FileReader.chunks
+
     def _view(self, n: int, offset: int) -> memoryview:
         """n bytes at offset as a view of a mapping of just that window: no copy. The window is unmapped
         as soon as the view is dropped, so mapped pages never pile up in the resident set."""
@@ -171,9 +254,8 @@ class FileReader:
         window = mmap.mmap(fd, offset + n - start, offset=start, access=mmap.ACCESS_READ)
         return memoryview(window)[offset - start : offset - start + n]
 
-    def chunks(self, name: str, begin: int = 0, end: int | None = None, size: int = CHUNK) -> Iterator[Chunk]:
-        """The tensor's bytes begin..end (default: all), at most `size` at a time; each chunk is valid
-        until the next one is asked for."""
+    def windows(self, name: str, begin: int = 0, end: int | None = None, size: int = CHUNK) -> Iterator[Span]:
+        """Where the tensor's bytes begin..end (default: all) lie in the file, at most `size` at a time."""
         info, segments = self.layout[name]
         end = info.nbytes if end is None else end
         pos = 0  # tensor offset at the start of the current segment
@@ -181,9 +263,22 @@ class FileReader:
             lo, hi = max(begin, pos), min(end, pos + length)
             while lo < hi:
                 n = min(size, hi - lo)
-                yield self._view(n, offset + lo - pos)
+                yield Span(self._fileno(), offset + lo - pos, n)
                 lo += n
             pos += length
+
+    def chunks(self, name: str, begin: int = 0, end: int | None = None, size: int = CHUNK) -> Iterator[Chunk]:
+        """The tensor's bytes begin..end (default: all), at most `size` at a time; each chunk is valid
+        until the next one is asked for."""
+        for w in self.windows(name, begin, end, size):
+            yield self._view(w.length, w.offset)
+
+    def copies(self, name: str, begin: int = 0, end: int | None = None,
+               size: int = CHUNK) -> Iterator[tuple[Span, memoryview]]:
+        """Each window of the tensor's bytes begin..end as a span, to copy, with a view of the same bytes,
+        to hash (only for a tensor that is `copyable`)."""
+        for w in self.windows(name, begin, end, size):
+            yield w, self._view(w.length, w.offset)
 
     def get(self, name: str) -> np.ndarray:
         info = self.info(name)

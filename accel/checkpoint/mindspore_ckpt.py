@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, counted
+from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, pieces, put, size_of
 from accel.errors import CheckpointError
 
 TYPES = {"Float64": "float64", "Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16",
@@ -249,18 +249,18 @@ def write_entries(path: str | Path, entries: Sequence[Entry], slice_bytes: int =
     with open(path, "wb") as f:
         for e in entries:
             name, ttype = e.name.encode(), NAMES[e.info.dtype.name].encode()
-            pieces = iter(_slices(e.info.nbytes, slice_bytes))
-            left = next(pieces)
+            values = iter(_slices(e.info.nbytes, slice_bytes))  # content bytes of each Value
+            left = next(values)
             f.write(_value_head(name, ttype, e.info.shape, left))
-            for chunk in counted(e, str(path)):
-                view = memoryview(chunk).cast("B")
-                while len(view):
+            for piece in pieces(e, str(path)):
+                pos, size = 0, size_of(piece)
+                while pos < size:
                     if left == 0:
-                        left = next(pieces)
+                        left = next(values)
                         f.write(_value_head(name, ttype, e.info.shape, left))
-                    n = min(left, len(view))
-                    f.write(view[:n])
-                    view, left = view[n:], left - n
+                    n = min(left, size - pos)
+                    put(f, piece, pos, pos + n)
+                    pos, left = pos + n, left - n
 
 
 def write(path: str | Path, tensors: dict[str, np.ndarray], slice_bytes: int = SLICE_BYTES) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, counted, entries_of, shape_of
+from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, entries_of, pieces, put, shape_of
 from accel.errors import CheckpointError
 
 CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -132,8 +132,8 @@ def write_entries(path: str | Path, entries: Sequence[Entry], metadata: dict[str
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for e in entries:
-            for chunk in counted(e, str(path)):
-                f.write(chunk)
+            for piece in pieces(e, str(path)):
+                put(f, piece)
 
 
 def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -182,6 +182,9 @@ class TorchBinFile(FileReader):
             self.strided[name] = (start, t.stride)  # a view: gathered when read
         self._add(name, info, [(start, info.nbytes)])
 
+    def copyable(self, name: str) -> bool:
+        return name not in self.strided  # a contiguous tensor lies in the archive as it is
+
     def chunks(self, name: str, begin: int = 0, end: int | None = None, size: int = CHUNK) -> Iterator[Chunk]:
         if name not in self.strided:
             yield from super().chunks(name, begin, end, size)
