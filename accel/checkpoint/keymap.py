@@ -293,7 +293,7 @@ class MappedView:
             if cut != len(chunk):
                 chunk, carry = chunk[:cut], bytes(chunk[cut:])
             with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN cast as they are
-                yield memoryview(np.frombuffer(chunk, src).astype(dst).view(np.uint8))
+                yield np.frombuffer(chunk, src).astype(dst).view(np.uint8).data
         if carry:
             raise CheckpointError(f"{self.path}: tensor {name!r} ended inside an element")
 
