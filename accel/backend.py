@@ -4,6 +4,7 @@ group)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -47,7 +48,7 @@ class Backend(Protocol):
     def value_and_grad(self, fn: Callable[..., Any]) -> Callable[..., Any]: ...
 
 
-class BackendBase:
+class BackendBase(ABC):
     """Shared plumbing: builds the routed `ops` from `implementations()` and a policy, checks dtypes.
     Subclasses provide `probe`, `implementations`, `capabilities`, `asarray`, `to_numpy`."""
 
@@ -65,11 +66,13 @@ class BackendBase:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.target}>"
 
+    @abstractmethod
     def implementations(self) -> dict[str, list[Impl]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def capabilities(self) -> Capabilities:
-        raise NotImplementedError
+        ...
 
     def check_dtype(self, dtype: str) -> str:
         supported = self.capabilities().dtypes

@@ -49,12 +49,13 @@ import os
 import re
 import sys
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from accel.errors import AccelError
+from accel.errors import AccelError, UsageError
 
 REDUCE_OPS = ("sum", "avg", "max", "min")
 TORCH_BACKENDS = "cpu:gloo,cuda:nccl,npu:hccl"
@@ -170,7 +171,7 @@ def split_sizes(n: int, parts: int) -> list[int]:
 # --- the shared surface -------------------------------------------------------------------------------
 
 
-class Collectives:
+class Collectives(ABC):
     """The calls every engine offers; see the module docstring for what each computes."""
 
     engine: str = ""
@@ -178,29 +179,35 @@ class Collectives:
     world_size: int = 1
     timeout: float = DEFAULT_TIMEOUT
 
+    @abstractmethod
     def all_reduce(self, x: Any, op: str = "sum") -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def all_gather(self, x: Any, axis: int = 0) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def reduce_scatter(self, x: Any, op: str = "sum", axis: int = 0) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def broadcast(self, x: Any, src: int = 0) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def all_to_all(self, x: Any, axis: int = 0) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def barrier(self) -> None:
-        raise NotImplementedError
+        ...
 
     def send(self, x: Any, dst: int) -> None:
-        raise NotImplementedError(f"{self.engine} has no one-sided send; use permute")
+        raise UsageError(f"{self.engine} collectives have no one-sided send; exchange with permute instead")
 
     def recv(self, x: Any, src: int) -> Any:
-        raise NotImplementedError(f"{self.engine} has no one-sided recv; use permute")
+        raise UsageError(f"{self.engine} collectives have no one-sided recv; exchange with permute instead")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} rank {self.rank} of {self.world_size}>"

@@ -24,6 +24,7 @@ train.py ARGS`.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -557,6 +558,10 @@ def launch(command: Sequence[str], target: str | None = None) -> int:
         return 1
     finally:
         sys.argv[:], sys.path[:] = argv, path
+        # Free what the script left in reference cycles (DDP's reducer holds its process group) now,
+        # while the interpreter is whole: gloo's threads torn down during interpreter exit can abort
+        # the process ("terminate called without an active exception") after the script succeeded.
+        gc.collect()
         disable()
 
 

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import types
 import uuid
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -391,7 +392,7 @@ def accepts(guards: dict[str, Any], shapes: list[tuple[int, ...]]) -> bool:
     return True
 
 
-class Lowering:
+class Lowering(ABC):
     """What an exporting backend adds: turning an ExportedProgram into a file, and running it."""
 
     name: ClassVar[str] = ""
@@ -399,17 +400,20 @@ class Lowering:
     suffix: ClassVar[str] = ""
     weights_in_graph: ClassVar[bool] = True  # True: weights are constants of the artifact (in its key)
 
+    @abstractmethod
     def key(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build(self, ep: Any, path: Path) -> dict[str, Any]:
         """Write the artifact for `ep` to `path`; returns what `load` needs besides the file."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load(self, path: Path, meta: dict[str, Any]) -> Callable[[list[torch.Tensor], list[torch.Tensor]],
                                                                  list[torch.Tensor]]:
         """runner(inputs, parameters) -> outputs, all torch CPU tensors."""
-        raise NotImplementedError
+        ...
 
 
 _EP_MEMO: dict[str, list[tuple[dict, Any, dict, tuple]]] = {}  # exported programs made in this process

@@ -7,6 +7,7 @@ Shapes: b batch, s new tokens, t = past + s keys, h query heads, g kv heads, d h
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -55,7 +56,7 @@ def tap(taps: dict | None, name: str, op: str, x: Any) -> Any:
     return x
 
 
-class Model:
+class Model(ABC):
     """A model family is a frozen dataclass of hyperparameters (the config) plus the methods below;
     weights live apart, in a dict named as in the original checkpoint."""
 
@@ -71,15 +72,18 @@ class Model:
         return cls(name=name, **cls.PRESETS[name])
 
     @classmethod
+    @abstractmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], name: str) -> Model:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def param_spec(self) -> dict[str, Param]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def forward(self, ops: Any, params: Params, input_ids: Any, cache: KVCache | None = None,
                 taps: dict | None = None) -> Any:
-        raise NotImplementedError
+        ...
 
     def new_cache(self) -> KVCache:
         return KVCache(self.num_layers)

@@ -70,6 +70,44 @@ def qwen2_dir(tmp_path_factory) -> Path:
     return save_hf_qwen2(tmp_path_factory.mktemp("qwen2") / "qwen2-hf")
 
 
+TINY = sorted(name for name in __import__("accel.models", fromlist=["presets"]).presets() if name.endswith("-tiny"))
+
+
+@pytest.fixture(scope="session")
+def torch_cpu():
+    from accel.targets import open_target
+
+    return open_target("torch:cpu", policy={})
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    """One export cache for the session's ORT, TVM and compare tests, so they share artifacts."""
+    path = tmp_path_factory.getbasetemp() / "accel-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCEL_CACHE_DIR", str(path))
+        yield path
+
+
+def prefill_and_tokens(backend, model, params, ids, new_tokens=8):
+    """(prefill logits as float32, greedy tokens, the KV cache) through one compiled forward."""
+    import numpy as np
+
+    from accel.runtime import forward_fn, place
+
+    p = place(backend, params, "float32")
+    forward = forward_fn(model, backend)
+    cache = model.new_cache()
+    logits = forward(p, backend.asarray(ids, "int64"), cache)
+    first, tokens = np.asarray(backend.to_numpy(logits), np.float32), []
+    for step in range(new_tokens):
+        nxt = np.argmax(np.asarray(backend.to_numpy(logits), np.float32)[:, -1], axis=-1)
+        tokens.append(int(nxt[0]))
+        if step + 1 < new_tokens:
+            logits = forward(p, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
+    return first, tokens, cache
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`accel ARGS` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True, text=True,

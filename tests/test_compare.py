@@ -16,15 +16,7 @@ from accel.compare import compare
 from accel.models.qwen import Qwen2
 from tests.conftest import run_cli
 
-
-@pytest.fixture(scope="module", autouse=True)
-def export_cache(tmp_path_factory):
-    """The session's export cache, shared with the ORT and TVM tests (and inherited by the targets'
-    processes)."""
-    path = tmp_path_factory.getbasetemp() / "accel-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ACCEL_CACHE_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("export_cache")
 
 
 @dataclass(frozen=True)

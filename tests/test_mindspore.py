@@ -14,22 +14,16 @@ import pytest
 from accel.conformance.cases import run_op_case
 from accel.conformance.op_cases import CASES
 from accel.errors import RoutingError, TargetUnavailable
-from accel.models import from_preset, presets
+from accel.models import from_preset
 from accel.runtime import generate, infer, place
 from accel.targets import open_target
-from tests.conftest import run_cli
-
-TINY = sorted(name for name in presets() if name.endswith("-tiny"))
+from tests.conftest import TINY, run_cli
 
 
 @pytest.fixture(scope="module")
 def ms_cpu():
     return open_target("mindspore:cpu", policy={})
 
-
-@pytest.fixture(scope="module")
-def torch_cpu():
-    return open_target("torch:cpu", policy={})
 
 
 def test_every_op_matches_the_oracle_at_each_claimed_dtype(ms_cpu):

@@ -13,22 +13,16 @@ import pytest
 from accel.conformance.cases import run_op_case
 from accel.conformance.op_cases import CASES
 from accel.errors import AccelError
-from accel.models import from_preset, presets
+from accel.models import from_preset
 from accel.runtime import forward_fn, place
 from accel.targets import open_target
+from tests.conftest import TINY, prefill_and_tokens
 
 pytest.importorskip("onnxruntime")
 
-TINY = sorted(name for name in presets() if name.endswith("-tiny"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def export_cache(tmp_path_factory):
-    """One export cache for the session's ORT, TVM and compare tests, so they share artifacts."""
-    path = tmp_path_factory.getbasetemp() / "accel-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ACCEL_CACHE_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("export_cache")
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +30,6 @@ def ort_cpu():
     return open_target("onnxruntime:cpu", policy={})
 
 
-@pytest.fixture(scope="module")
-def torch_cpu():
-    return open_target("torch:cpu", policy={})
-
-
-def prefill_and_tokens(backend, model, params, ids, new_tokens=8):
-    """Prefill logits (float32) and greedy tokens, through one compiled forward and the KV cache."""
-    p = place(backend, params, "float32")
-    forward = forward_fn(model, backend)
-    cache = model.new_cache()
-    logits = forward(p, backend.asarray(ids, "int64"), cache)
-    first, tokens = np.asarray(backend.to_numpy(logits), np.float32), []
-    for step in range(new_tokens):
-        nxt = np.argmax(np.asarray(backend.to_numpy(logits), np.float32)[:, -1], axis=-1)
-        tokens.append(int(nxt[0]))
-        if step + 1 < new_tokens:
-            logits = forward(p, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
-    return first, tokens
 
 
 def exports():
@@ -66,8 +42,8 @@ def exports():
 def test_model_through_ort_matches_torch_cpu(ort_cpu, torch_cpu, preset):
     model, params = from_preset(preset)
     ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
-    got, got_tokens = prefill_and_tokens(ort_cpu, model, params, ids)
-    want, want_tokens = prefill_and_tokens(torch_cpu, model, params, ids)
+    got, got_tokens, _ = prefill_and_tokens(ort_cpu, model, params, ids)
+    want, want_tokens, _ = prefill_and_tokens(torch_cpu, model, params, ids)
     assert np.abs(want).max() > 0.1
     assert np.abs(got - want).max() <= 1e-4
     assert got_tokens == want_tokens and len(set(want_tokens)) > 1
@@ -113,7 +89,7 @@ def test_prompt_outside_a_graphs_range_gets_its_own(ort_cpu, torch_cpu):
         ids = np.random.default_rng(n).integers(0, model.vocab_size, (1, n))
         before = exports()
         got = ort_cpu.to_numpy(forward(p, ort_cpu.asarray(ids, "int64"), model.new_cache()))
-        want, _ = prefill_and_tokens(torch_cpu, model, params, ids, new_tokens=1)
+        want, _, _ = prefill_and_tokens(torch_cpu, model, params, ids, new_tokens=1)
         assert np.abs(got - want).max() <= 1e-4, n
     assert exports() == before + 1  # the 5-token prompt was not served by the 9-token graph
 

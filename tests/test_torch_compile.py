@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from accel.models import from_preset, presets
-from accel.runtime import forward_fn, place
+from accel.models import from_preset
 from accel.targets import open_target
 from accel.train import train
+from tests.conftest import TINY, prefill_and_tokens
 
 torch = pytest.importorskip("torch")
 
-TINY = sorted(name for name in presets() if name.endswith("-tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +21,6 @@ def compiled():
     return open_target("torch-compile:cpu", policy={})
 
 
-@pytest.fixture(scope="module")
-def torch_cpu():
-    return open_target("torch:cpu", policy={})
-
-
-def prefill_and_tokens(backend, model, params, ids, new_tokens=8):
-    """Prefill logits (float32) and greedy tokens, through one compiled forward and the KV cache."""
-    p = place(backend, params, "float32")
-    forward = forward_fn(model, backend)
-    cache = model.new_cache()
-    logits = forward(p, backend.asarray(ids, "int64"), cache)
-    first, tokens = np.asarray(backend.to_numpy(logits), np.float32), []
-    for step in range(new_tokens):
-        nxt = np.argmax(np.asarray(backend.to_numpy(logits), np.float32)[:, -1], axis=-1)
-        tokens.append(int(nxt[0]))
-        if step + 1 < new_tokens:
-            logits = forward(p, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
-    return first, tokens
 
 
 @pytest.mark.parametrize("preset", TINY)
@@ -49,10 +30,10 @@ def test_model_through_inductor_matches_torch_cpu(compiled, torch_cpu, preset):
     model, params = from_preset(preset)
     ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
     graphs = counters["stats"]["unique_graphs"]
-    got, got_tokens = prefill_and_tokens(compiled, model, params, ids)
+    got, got_tokens, _ = prefill_and_tokens(compiled, model, params, ids)
     # one graph for the prefill, one for every decode step: the cached length is a dynamic dim
     assert counters["stats"]["unique_graphs"] - graphs == 2
-    want, want_tokens = prefill_and_tokens(torch_cpu, model, params, ids)
+    want, want_tokens, _ = prefill_and_tokens(torch_cpu, model, params, ids)
     assert np.abs(want).max() > 0.1
     assert np.abs(got - want).max() <= 1e-4
     assert got_tokens == want_tokens and len(set(want_tokens)) > 1

@@ -12,12 +12,12 @@ import pytest
 from accel import lora as lora_mod
 from accel.cli import main
 from accel.errors import UsageError
-from accel.models import from_preset, from_pretrained, presets
+from accel.models import from_preset, from_pretrained
 from accel.runtime import place
 from accel.targets import open_target
 from accel.train import AdamW, adamw_init, adamw_update, lm_loss, to_host, train
+from tests.conftest import TINY
 
-TINY = sorted(name for name in presets() if name.endswith("-tiny"))
 LR = 1e-3
 
 
@@ -25,10 +25,6 @@ LR = 1e-3
 def ms_cpu():
     return open_target("mindspore:cpu", policy={})
 
-
-@pytest.fixture(scope="module")
-def torch_cpu():
-    return open_target("torch:cpu", policy={})
 
 
 def make_batches(vocab: int, n: int, seed: int = 0, b: int = 2, s: int = 16) -> list[dict[str, np.ndarray]]:

@@ -10,15 +10,15 @@ import pytest
 from accel.conformance.cases import run_inference_case, run_op_case
 from accel.conformance.op_cases import CASES
 from accel.errors import TargetUnavailable
-from accel.models import from_preset, presets
+from accel.models import from_preset
 from accel.models._layers import Taps
-from accel.runtime import forward_fn, place
+from accel.runtime import place
 from accel.targets import open_target
 from accel.train import train
+from tests.conftest import TINY, prefill_and_tokens
 
 jax = pytest.importorskip("jax")
 
-TINY = sorted(name for name in presets() if name.endswith("-tiny"))
 CLAIMED = ("float32", "bfloat16", "float16")
 
 
@@ -27,24 +27,6 @@ def xla():
     return open_target("xla:cpu", policy={})
 
 
-@pytest.fixture(scope="module")
-def torch_cpu():
-    return open_target("torch:cpu", policy={})
-
-
-def prefill_and_tokens(backend, model, params, ids, new_tokens=8):
-    """Prefill logits (float32) and greedy tokens, through one compiled forward and the KV cache."""
-    p = place(backend, params, "float32")
-    forward = forward_fn(model, backend)
-    cache = model.new_cache()
-    logits = forward(p, backend.asarray(ids, "int64"), cache)
-    first, tokens = np.asarray(backend.to_numpy(logits), np.float32), []
-    for step in range(new_tokens):
-        nxt = np.argmax(np.asarray(backend.to_numpy(logits), np.float32)[:, -1], axis=-1)
-        tokens.append(int(nxt[0]))
-        if step + 1 < new_tokens:
-            logits = forward(p, backend.asarray(nxt[:, None].astype(np.int64), "int64"), cache)
-    return first, tokens, cache
 
 
 def test_claims_no_float64_and_leaves_x64_alone(xla):

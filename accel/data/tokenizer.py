@@ -12,6 +12,7 @@ masked out of the labels and the attention mask either way.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ END_TOKENS = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>",
 PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """encode_batch(texts) -> token id lists; eos_id (None when the tokenizer has none); pad_id."""
 
     path: Path
@@ -30,8 +31,9 @@ class Tokenizer:
     pad_id: int
     vocab_size: int
 
+    @abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
+        ...
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
