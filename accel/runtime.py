@@ -3,6 +3,7 @@ KV cache (and without it, by full recomputation, as its check)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,13 +30,23 @@ def check_ids(model: Any, ids: np.ndarray) -> np.ndarray:
     return ids
 
 
+_FORWARDS: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, Any]]] = weakref.WeakKeyDictionary()
+
+
 def forward_fn(model: Any, backend: Any) -> Any:
-    """The model's forward bound to the backend's ops, through the backend's compile step."""
+    """The model's forward bound to the backend's ops, through the backend's compile step; one per
+    (backend, model) for as long as the backend lives, so that calling infer again with other weights
+    of the same shapes reuses what the compiler made."""
+    known = _FORWARDS.setdefault(backend, {})
+    if id(model) in known:
+        return known[id(model)][1]
 
     def forward(params: Mapping[str, Any], input_ids: Any, cache: Any = None, taps: Any = None) -> Any:
         return model.forward(backend.ops, params, input_ids, cache=cache, taps=taps)
 
-    return backend.compile(forward)
+    compiled = backend.compile(forward)
+    known[id(model)] = (model, compiled)  # the model is held, so its id cannot be reused
+    return compiled
 
 
 def infer(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray) -> np.ndarray:

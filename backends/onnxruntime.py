@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from accel.backend import Capabilities
-from accel.backends.torch_compile import GraphBackend, Lowering, torch
+from accel.backends.graph_export import GraphBackend, Lowering, torch
 from accel.errors import BackendUnavailable
 
 try:

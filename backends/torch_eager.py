@@ -169,7 +169,7 @@ def attention_sdpa(q, k, v, *, scale, causal=True, mask=None):
         attn_mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (b, heads, s, d)
-        attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=bool(q.shape[2] != k.shape[2]),
     )
     return out.transpose(1, 2)
 
@@ -211,8 +211,10 @@ def log_softmax(x, axis=-1):
 def cross_entropy(logits, labels, ignore_index=-100):
     labels = labels.long()
     total = F.cross_entropy(_acc(logits), labels, ignore_index=ignore_index, reduction="sum")
-    # no data-dependent branch, so the same code traces under torch.compile and export
-    return total / (labels != ignore_index).sum().clamp(min=1)
+    # no data-dependent branch, so the same code traces under torch.compile and export; maximum, not
+    # clamp(min=1), whose open upper bound TVM's importer cannot represent for an integer tensor
+    count = (labels != ignore_index).sum()
+    return total / torch.maximum(count, torch.ones_like(count))
 
 
 def reshape(x, shape):

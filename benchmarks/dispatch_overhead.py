@@ -31,9 +31,9 @@ SIZES = {
 
 
 def bench(size: str, repeats: int) -> dict:
-    from accel.models import from_pretrained
     from transformers import Qwen2ForCausalLM
 
+    from accel.models import from_pretrained
     from accel.runtime import forward_fn, place
     from accel.targets import open_target
 

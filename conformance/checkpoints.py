@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from accel.conformance.cases import Context, Row, model_inputs
+from accel.conformance.cases import Context, Row, _forward_with_taps, model_inputs
 from accel.conformance.metrics import compare, exact
 from accel.dtypes import to_numpy_dtype
 
@@ -34,7 +34,6 @@ def _read(view: Any) -> dict[str, np.ndarray]:
 def run_checkpoint_case(backend: Any, item: str, dtype: str, ctx: Context) -> Row:
     from accel.checkpoint import safetensors
     from accel.checkpoint.convert import convert, open_named
-    from accel.runtime import infer, place
 
     preset, _, fmt = item.partition(":")
     if dtype not in backend.capabilities().dtypes:
@@ -58,8 +57,9 @@ def run_checkpoint_case(backend: Any, item: str, dtype: str, ctx: Context) -> Ro
         if differ:
             problems.append(f"round trip is not bit-exact: {differ[0]}" + (f" and {len(differ) - 1} more"
                                                                           if len(differ) > 1 else ""))
-    ours = infer(model, backend, place(backend, stored, dtype), ids)
-    theirs = infer(model, backend, place(backend, loaded, dtype), ids)
+    # through the inference case's compiled forward: the same graph, so no compile of its own
+    ours = _forward_with_taps(backend, model, stored, ids, dtype)[0]
+    theirs = _forward_with_taps(backend, model, loaded, ids, dtype)[0]
     m = compare(theirs, ours, dtype) | {"tensors": float(len(stored)),
                                         "bytes": float(sum(a.nbytes for a in stored.values()))}
     if not exact(theirs, ours):

@@ -40,6 +40,16 @@ def counts(rows: list[Row]) -> dict[str, int]:
     return {s: sum(r.status == s for r in rows) for s in STATUSES}
 
 
+def time_per_target(rows: list[Row]) -> str:
+    """'torch:cpu 31 s (ops 2, inference 9, ...); ...': where a run's time went."""
+    spent: dict[str, dict[str, float]] = {}
+    for r in rows:
+        kinds = spent.setdefault(r.target, {})
+        kinds[r.case] = kinds.get(r.case, 0.0) + r.seconds
+    return "; ".join(f"{t} {sum(k.values()):.0f} s (" + ", ".join(f"{c} {s:.0f}" for c, s in k.items()) + ")"
+                     for t, k in spent.items())
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -140,6 +150,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}{style}figure{{dis
 </head><body><h1>Conformance report</h1>
 <p>{esc(meta['created'])} &middot; {meta['seconds']:.0f} s &middot; {esc(versions)}</p>
 <p>{' &middot; '.join(f'{k}: {v}' for k, v in c.items())}</p>
+<p>Seconds per target and case kind: {esc(time_per_target(rows))}</p>
 <h2>Target &times; case</h2><table id="matrix"><tr><th></th>{head}</tr>{body}</table>
 <h2>Plots</h2>{imgs}
 <h2>First divergences</h2><table><tr><th>target</th><th>case</th><th>model</th><th>dtype</th><th>tap</th><th>op</th>
@@ -162,7 +173,8 @@ def write(rows: list[Row], report_dir: Path, meta: dict[str, Any]) -> Path:
     doc = {**meta, "counts": counts(rows), "rows": [r.as_dict() for r in rows]}
     (out / "report.json").write_text(json.dumps(doc, indent=1, default=float))
     md = [f"# Conformance report {stamp}", "", f"Targets: {', '.join(meta.get('targets', []))}. "
-          f"{meta['seconds']:.0f} s.", "", " · ".join(f"{k}: {v}" for k, v in counts(rows).items()), "", "```",
+          f"{meta['seconds']:.0f} s.", "", " · ".join(f"{k}: {v}" for k, v in counts(rows).items()), "",
+          "Seconds per target and case kind: " + time_per_target(rows), "", "```",
           table(summary_rows(rows), HEADER), "```", ""]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(_html(rows, {**meta, "seconds": meta["seconds"]}))

@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -29,6 +31,7 @@ BUILTIN_KINDS = ("ops", "inference", "generation")
 DEFAULT_DTYPES = ("float32", "float16", "bfloat16")
 Job = tuple[str, str, str]  # (case kind, item, dtype)
 KNOWN_FAILURES = Path(__file__).parent / "known_failures"
+HOST_DEVICES = ("cpu", "llvm")  # targets on these share only the host's cores
 
 
 def case_kinds() -> list[str]:
@@ -71,6 +74,7 @@ class Options:
     policy: dict[str, str] = field(default_factory=dict)
     known_failures: Path = KNOWN_FAILURES
     nproc: int = 2
+    jobs: int = 1  # targets run at once
 
 
 def _signal_name(code: int) -> str:
@@ -212,7 +216,8 @@ def exit_code(rows: Iterable[Row]) -> int:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; a line every 10% otherwise (CI logs)."""
+    """A one-line progress bar on a terminal; otherwise (CI logs) a line every 10% and at least one a
+    minute."""
 
     def __init__(self, total: int, stream: TextIO = sys.stderr):
         self.total, self.done, self.stream = total, 0, stream
@@ -220,6 +225,7 @@ class Progress:
         self.start = time.monotonic()
         self.failed = 0
         self._last_decile = -1
+        self._last_line = 0.0
 
     def step(self, row: Row) -> None:
         self.done += 1
@@ -233,8 +239,9 @@ class Progress:
                               f"{label[:48]:<48}")
             if self.done == self.total:
                 self.stream.write("\n")
-        elif int(frac * 10) != self._last_decile or row.status in ("crashed", "timeout"):
-            self._last_decile = int(frac * 10)
+        elif (int(frac * 10) != self._last_decile or row.status in ("crashed", "timeout")
+              or elapsed - self._last_line >= 60):
+            self._last_decile, self._last_line = int(frac * 10), elapsed
             self.stream.write(f"conformance: {self.done}/{self.total} ({elapsed:.0f} s, {self.failed} failed) "
                               f"{label} {row.status}\n")
         self.stream.flush()
@@ -275,8 +282,22 @@ def summary_rows(rows: Iterable[Row]) -> list[list[str]]:
 
 
 def run(targets: list[str], jobs: list[Job], options: Options, progress: bool = True) -> list[Row]:
+    """Every target's workers, `options.jobs` targets at a time; targets on an accelerator take turns on
+    it (two frameworks sharing one device would measure, and allocate, against each other)."""
     bar = Progress(len(jobs) * len(targets)) if progress else None
-    rows: list[Row] = []
-    for target in targets:
-        rows += run_target(target, jobs, options, bar.step if bar else (lambda row: None))
+    shown, accelerator = threading.Lock(), threading.Lock()
+
+    def on_row(row: Row) -> None:
+        if bar is not None:
+            with shown:
+                bar.step(row)
+
+    def one(target: str) -> list[Row]:
+        if target.partition(":")[2].split(":")[0] in HOST_DEVICES:
+            return run_target(target, jobs, options, on_row)
+        with accelerator:
+            return run_target(target, jobs, options, on_row)
+
+    with ThreadPoolExecutor(max(1, options.jobs)) as pool:
+        rows = [row for target_rows in pool.map(one, targets) for row in target_rows]
     return apply_known_failures(rows, options.known_failures)

@@ -19,8 +19,12 @@ LORA = {"rank": 4, "alpha": 8.0}
 
 
 def plan(case: str, models: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
-    return [(case, f"{m}{suffix}", d) for d in dtypes if d in ("float32", "bfloat16")
-            for m in models for suffix in ("", "+lora")]
+    """Full fine-tuning at each of float32 and bfloat16 asked for; LoRA once per model, at bfloat16 when
+    asked for (the dtype LoRA runs in), else float32: its frozen base and adapter gradients are the same
+    code at either dtype, and on a compiling target each case is a compile of forward and backward."""
+    trained = [d for d in ("float32", "bfloat16") if d in dtypes]
+    full = [(case, m, d) for d in trained for m in models]
+    return full + [(case, f"{m}+lora", trained[-1]) for m in models] if trained else []
 
 
 def batches(preset: str, vocab: int) -> list[dict[str, np.ndarray]]:

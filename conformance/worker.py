@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,6 +48,7 @@ def main() -> int:
     runners = case_runners()
     for i, (case, item, dtype) in enumerate(jobs):
         _emit(protocol, {"event": "start", "job": i})
+        start = time.monotonic()
         try:
             row = runners[case](backend, op_case(item) if case == "ops" else item, dtype, ctx)
         except Exception as e:  # a case that raises is a failed row; the next case still runs
@@ -54,6 +56,7 @@ def main() -> int:
             message = str(e).strip().splitlines()[0] if str(e).strip() else ""
             row = Row(target, case, item, dtype, "fail",
                       detail=f"raised {type(e).__name__}: {message} ({Path(where.filename).name}:{where.lineno})")
+        row.seconds = round(time.monotonic() - start, 3)
         if ctx.recorder is not None:
             ctx.recorder.flush()
         _emit(protocol, {"event": "row", "job": i, "row": row.as_dict()})

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,8 +230,40 @@ def test_crashing_and_hanging_targets_become_rows(fault_env, tmp_path):
         assert by[("torch:cpu", model)]["status"] == "pass"
     assert by[("hangy:cpu", "qwen2-tiny")]["status"] == "timeout"
     assert by[("hangy:cpu", "qwen2-tiny")]["detail"] == "timeout after 12 s"
+    # two targets ran at a time (the default on this machine), the rows still in the order asked for
+    assert [row["target"] for row in rows] == [t for t in ("crashy:cpu", "torch:cpu", "hangy:cpu", "aborty:cpu")
+                                               for _ in range(2)]
+    assert all(row["seconds"] > 0 for row in rows if row["status"] == "pass")
     for name in ("report.json", "report.md", "report.html"):
         assert (tmp_path / "latest" / name).is_file()
+    assert "Seconds per target and case kind: crashy:cpu" in (tmp_path / "latest" / "report.md").read_text()
+
+
+def test_targets_on_an_accelerator_take_turns(monkeypatch):
+    """--jobs runs host targets side by side, but never two targets on the accelerator at once."""
+    from accel.conformance import runner
+    from accel.conformance.cases import Row
+
+    running: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+
+    def fake_run_target(target, jobs, options, on_row):
+        with lock:
+            running.append(target)
+            overlaps.append(tuple(sorted(running)))
+        time.sleep(0.3)
+        with lock:
+            running.remove(target)
+        return [Row(target, "ops", "x", "float32", "pass")]
+
+    monkeypatch.setattr(runner, "run_target", fake_run_target)
+    targets = ["torch:cuda", "xla:gpu", "torch:cpu", "tvm:llvm", "torch-compile:cuda:1"]
+    rows = runner.run(targets, [("ops", "x", "float32")], runner.Options(jobs=5), progress=False)
+    assert [r.target for r in rows] == targets
+    on_device = [sum(t not in ("torch:cpu", "tvm:llvm") for t in seen) for seen in overlaps]
+    assert max(on_device) == 1
+    assert max(len(seen) for seen in overlaps) >= 2  # the host targets did run alongside
 
 
 def test_golden_record_round_trip(fault_env, tmp_path):

@@ -33,7 +33,7 @@ def ort_cpu():
 
 
 def exports():
-    from accel.backends.torch_compile import EXPORTS
+    from accel.backends.graph_export import EXPORTS
 
     return EXPORTS["onnx"]
 
@@ -67,7 +67,7 @@ def test_second_run_reuses_the_cached_export(export_cache, torch_cpu):
 
 
 def test_cache_key_covers_the_weights(ort_cpu):
-    from accel.backends.torch_compile import GraphCompiler, _Call
+    from accel.backends.graph_export import GraphCompiler, _Call
 
     model, params = from_preset("qwen2-tiny")
     forward = forward_fn(model, ort_cpu).__wrapped__  # the function compile() was given

@@ -39,6 +39,21 @@ def test_model_through_inductor_matches_torch_cpu(compiled, torch_cpu, preset):
     assert got_tokens == want_tokens and len(set(want_tokens)) > 1
 
 
+def test_a_model_keeps_its_dims_static_after_another_model(compiled):
+    """The conformance worker runs every model through one backend: a model's head count or width must
+    not turn dynamic because an earlier model had another one. (Symbolic heads broke baichuan2-13b's
+    graph at SDPA's enable_gqa; its extra graphs then used up dynamo's recompile limit.)"""
+    from torch._dynamo.utils import counters
+
+    for preset in ("qwen2-tiny", "baichuan2-7b-tiny", "baichuan2-13b-tiny"):
+        model, params = from_preset(preset)
+        ids = np.random.default_rng(3).integers(0, model.vocab_size, (1, 6))
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        prefill_and_tokens(compiled, model, params, ids)
+        assert counters["stats"]["unique_graphs"] - graphs == 2, preset
+        assert sum(counters["graph_break"].values()) == breaks, (preset, dict(counters["graph_break"]))
+
+
 def test_training_matches_torch_cpu(compiled, torch_cpu):
     model, params = from_preset("qwen2-tiny")
     rng = np.random.default_rng(0)

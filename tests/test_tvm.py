@@ -30,7 +30,7 @@ def tvm_llvm():
 
 
 def compiles():
-    from accel.backends.torch_compile import EXPORTS
+    from accel.backends.graph_export import EXPORTS
 
     return EXPORTS["tvm"]
 
@@ -63,7 +63,7 @@ def test_compiled_library_is_reused_across_runs_and_checkpoints(export_cache, to
     assert np.abs(got - want).max() <= 1e-4 and got_tokens == want_tokens
 
 
-@pytest.mark.parametrize("name", ["layer_norm[odd]", "attention[mqa-cached]"])
+@pytest.mark.parametrize("name", ["layer_norm[odd]", "attention[mqa-cached]", "cross_entropy[masked]"])
 def test_op_runs_through_tvm(tvm_llvm, name):
     case = next(c for c in CASES if f"{c.op}[{c.shape}]" == name)
     before = compiles()

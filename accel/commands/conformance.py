@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--known-failures", type=Path, metavar="DIR",
                    help="directory of reviewed expected failures, <backend>_<device>.yaml (default: the suite's own)")
     p.add_argument("--nproc", type=int, default=2, metavar="N", help="ranks of the collective cases (default 2)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                   help="targets run at once (default: 2 on a machine with 2 or more cores); targets on one "
+                        "accelerator always take turns")
     p.add_argument("--case-timeout", type=float, default=300.0, metavar="S", help="seconds per case (default 300)")
     p.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR", help="default ./reports")
     p.add_argument("--verbose", action="store_true", help="one table line per case instead of per op")
@@ -52,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         targets = [i.target for i in discover() if i.available and not i.target.startswith("numpy:")]
     if args.nproc < 2:
         raise UsageError("--nproc must be at least 2")
-    options = runner.Options(case_timeout=args.case_timeout, nproc=args.nproc)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    options = runner.Options(case_timeout=args.case_timeout, nproc=args.nproc, jobs=args.jobs)
     if args.known_failures:
         if not args.known_failures.is_dir():
             raise UsageError(f"--known-failures {args.known_failures} is not a directory")
