@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
@@ -112,3 +113,15 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`accel ARGS` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "accel.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
+
+
+def prompt_masked_batches(vocab: int, n: int, seed: int = 0) -> list[dict]:
+    """n training batches of 2 x 16 tokens, the first 4 labels of each row masked as a prompt's."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n):
+        tokens = rng.integers(0, vocab, (2, 17))
+        labels = tokens[:, 1:].copy()
+        labels[:, :4] = -100
+        batches.append({"input_ids": tokens[:, :-1], "labels": labels})
+    return batches

@@ -10,7 +10,7 @@ import pytest
 from accel.models import from_preset
 from accel.targets import open_target
 from accel.train import train
-from tests.conftest import TINY, prefill_and_tokens
+from tests.conftest import TINY, prefill_and_tokens, prompt_masked_batches
 
 torch = pytest.importorskip("torch")
 
@@ -56,13 +56,7 @@ def test_a_model_keeps_its_dims_static_after_another_model(compiled):
 
 def test_training_matches_torch_cpu(compiled, torch_cpu):
     model, params = from_preset("qwen2-tiny")
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(10):
-        tokens = rng.integers(0, model.vocab_size, (2, 17))
-        labels = tokens[:, 1:].copy()
-        labels[:, :4] = -100
-        batches.append({"input_ids": tokens[:, :-1], "labels": labels})
+    batches = prompt_masked_batches(model.vocab_size, 10)
     losses = {b.target: np.array([r.loss for r in train(model, b, params, batches, 10, 1e-3)])
               for b in (torch_cpu, compiled)}
     want, got = losses["torch:cpu"], losses["torch-compile:cpu"]

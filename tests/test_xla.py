@@ -15,7 +15,7 @@ from accel.models._layers import Taps
 from accel.runtime import place
 from accel.targets import open_target
 from accel.train import train
-from tests.conftest import TINY, prefill_and_tokens
+from tests.conftest import TINY, prefill_and_tokens, prompt_masked_batches
 
 jax = pytest.importorskip("jax")
 
@@ -88,13 +88,7 @@ def test_taps_leave_jit_as_arrays(xla):
 
 def test_training_matches_torch_cpu(xla, torch_cpu):
     model, params = from_preset("qwen2-tiny")
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(10):
-        tokens = rng.integers(0, model.vocab_size, (2, 17))
-        labels = tokens[:, 1:].copy()
-        labels[:, :4] = -100
-        batches.append({"input_ids": tokens[:, :-1], "labels": labels})
+    batches = prompt_masked_batches(model.vocab_size, 10)
     losses = {b.target: np.array([r.loss for r in train(model, b, params, batches, 10, 1e-3)])
               for b in (torch_cpu, xla)}
     want, got = losses["torch:cpu"], losses["xla:cpu"]
