@@ -3,7 +3,6 @@ KV cache (and without it, by full recomputation, as its check)."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,14 +29,11 @@ def check_ids(model: Any, ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-_FORWARDS: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, Any]]] = weakref.WeakKeyDictionary()
-
-
 def forward_fn(model: Any, backend: Any) -> Any:
     """The model's forward bound to the backend's ops, through the backend's compile step; one per
-    (backend, model) for as long as the backend lives, so that calling infer again with other weights
-    of the same shapes reuses what the compiler made."""
-    known = _FORWARDS.setdefault(backend, {})
+    (backend, model), kept on the backend for as long as it lives, so that calling infer again with
+    other weights of the same shapes reuses what the compiler made."""
+    known: dict[int, tuple[Any, Any]] = vars(backend).setdefault("_accel_forwards", {})
     if id(model) in known:
         return known[id(model)][1]
 

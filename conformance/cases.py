@@ -202,20 +202,16 @@ def _numpy() -> Any:
     return open_target("numpy:cpu", policy={})
 
 
-_TAPPED: dict[tuple[int, int], tuple[Any, Any, Any, Any]] = {}  # (backend, model, its Taps, compiled forward)
-
-
 def _forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray,
                        dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
     from accel.models._layers import Taps
     from accel.runtime import place
 
-    key = (id(backend), id(model))
-    if key not in _TAPPED:  # one compiled forward per target and model: its graphs serve every case
+    tapped: dict[int, tuple[Any, Taps, Any]] = vars(backend).setdefault("_accel_tapped_forwards", {})
+    if id(model) not in tapped:  # one compiled forward per target and model: its graphs serve every case
         taps = Taps()
-        _TAPPED[key] = (backend, model, taps, backend.compile(lambda p, x: model.forward(backend.ops, p, x,
-                                                                                         taps=taps)))
-    _, _, taps, run = _TAPPED[key]
+        tapped[id(model)] = (model, taps, backend.compile(lambda p, x: model.forward(backend.ops, p, x, taps=taps)))
+    _, taps, run = tapped[id(model)]
     taps.clear()
     taps.ops.clear()
     logits = run(place(backend, params, dtype), backend.asarray(ids, "int64"))

@@ -54,6 +54,22 @@ def test_a_model_keeps_its_dims_static_after_another_model(compiled):
         assert sum(counters["graph_break"].values()) == breaks, (preset, dict(counters["graph_break"]))
 
 
+def test_infer_again_with_other_weights_reuses_the_graph(compiled, torch_cpu):
+    from torch._dynamo.utils import counters
+
+    from accel.runtime import infer, place
+
+    model, params = from_preset("qwen-tiny")
+    other = from_preset("qwen-tiny", seed=1)[1]
+    ids = np.arange(7)[None] % model.vocab_size
+    first = infer(model, compiled, place(compiled, params, "float32"), ids)
+    graphs = counters["stats"]["unique_graphs"]
+    second = infer(model, compiled, place(compiled, other, "float32"), ids)
+    assert counters["stats"]["unique_graphs"] == graphs  # the same compiled forward, no new graph
+    want = infer(model, torch_cpu, place(torch_cpu, other, "float32"), ids)
+    assert np.abs(second - first).max() > 0.1 and np.abs(second - want).max() <= 1e-4  # the new weights
+
+
 def test_training_matches_torch_cpu(compiled, torch_cpu):
     model, params = from_preset("qwen2-tiny")
     batches = prompt_masked_batches(model.vocab_size, 10)
