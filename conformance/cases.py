@@ -202,7 +202,7 @@ def _numpy() -> Any:
     return open_target("numpy:cpu", policy={})
 
 
-def _forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray,
+def forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray,
                        dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
     from accel.models._layers import Taps
     from accel.runtime import place
@@ -226,7 +226,7 @@ def _reference_run(model: Any, params: dict[str, np.ndarray], ids: np.ndarray, k
     """float64 logits and taps of the numpy:cpu reference (cached per preset and input)."""
     cache_key = (key, zlib.crc32(ids.tobytes()))
     if cache_key not in _REFERENCE_RUNS:
-        _REFERENCE_RUNS[cache_key] = _forward_with_taps(_numpy(), model, params, ids, "float64")
+        _REFERENCE_RUNS[cache_key] = forward_with_taps(_numpy(), model, params, ids, "float64")
     return _REFERENCE_RUNS[cache_key]
 
 
@@ -260,7 +260,7 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
     model, params, ids = _golden_model_inputs(ctx, preset)
     case_id = f"inference/{preset}/{dtype}"
     ref_logits, ref_taps, ops_of = _reference_run(model, params, ids, preset)
-    logits, taps, _ = _forward_with_taps(backend, model, params, ids, dtype)
+    logits, taps, _ = forward_with_taps(backend, model, params, ids, dtype)
     expected = ctx.golden.expected(case_id) if ctx.golden is not None else ref_logits
     m = compare(logits, expected, dtype)
     device_taps = ref_m = None
@@ -269,7 +269,7 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
         m |= {f"vs_golden_{k}": v for k, v in compare(logits, ctx.golden.actual(case_id), dtype).items()
               if k in ("cosine", "max_abs")}
     elif needs_reference_device("inference", dtype) and backend.target != REFERENCE_DEVICE:
-        dev_logits, device_taps, _ = _forward_with_taps(ctx.reference_device(), model, params, ids, dtype)
+        dev_logits, device_taps, _ = forward_with_taps(ctx.reference_device(), model, params, ids, dtype)
         ref_m = compare(dev_logits, expected, dtype)
     if ctx.recorder is not None:
         ctx.recorder.add_model(preset, params, ids)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from accel.conformance.cases import Context, Row, _forward_with_taps, model_inputs
+from accel.conformance.cases import Context, Row, forward_with_taps, model_inputs
 from accel.conformance.metrics import compare, exact
 from accel.dtypes import to_numpy_dtype
 
@@ -58,8 +58,8 @@ def run_checkpoint_case(backend: Any, item: str, dtype: str, ctx: Context) -> Ro
             problems.append(f"round trip is not bit-exact: {differ[0]}" + (f" and {len(differ) - 1} more"
                                                                           if len(differ) > 1 else ""))
     # through the inference case's compiled forward: the same graph, so no compile of its own
-    ours = _forward_with_taps(backend, model, stored, ids, dtype)[0]
-    theirs = _forward_with_taps(backend, model, loaded, ids, dtype)[0]
+    ours = forward_with_taps(backend, model, stored, ids, dtype)[0]
+    theirs = forward_with_taps(backend, model, loaded, ids, dtype)[0]
     m = compare(theirs, ours, dtype) | {"tensors": float(len(stored)),
                                         "bytes": float(sum(a.nbytes for a in stored.values()))}
     if not exact(theirs, ours):

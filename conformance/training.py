@@ -19,12 +19,14 @@ LORA = {"rank": 4, "alpha": 8.0}
 
 
 def plan(case: str, models: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
-    """Full fine-tuning at each of float32 and bfloat16 asked for; LoRA once per model, at bfloat16 when
-    asked for (the dtype LoRA runs in), else float32: its frozen base and adapter gradients are the same
-    code at either dtype, and on a compiling target each case is a compile of forward and backward."""
+    """Each training mode once per model, spread over the dtypes asked for: full fine-tuning at the
+    highest precision (float32: the strict check of the loop's logic), LoRA at the lowest (bfloat16,
+    the dtype it runs in); with one dtype asked for, both at that one. On a compiling target every case
+    is a compile of forward and backward, and a mode's code is the same at either dtype."""
     trained = [d for d in ("float32", "bfloat16") if d in dtypes]
-    full = [(case, m, d) for d in trained for m in models]
-    return full + [(case, f"{m}+lora", trained[-1]) for m in models] if trained else []
+    if not trained:
+        return []
+    return [(case, m, trained[0]) for m in models] + [(case, f"{m}+lora", trained[-1]) for m in models]
 
 
 def batches(preset: str, vocab: int) -> list[dict[str, np.ndarray]]:
