@@ -115,13 +115,35 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
-def prompt_masked_batches(vocab: int, n: int, seed: int = 0) -> list[dict]:
-    """n training batches of 2 x 16 tokens, the first 4 labels of each row masked as a prompt's."""
-    rng = np.random.default_rng(seed)
+def assert_generates_like(backend, reference, preset):
+    """Prefill logits within 1e-4 of the reference's and the same 8 greedy tokens, float32; returns the
+    backend's KV cache."""
+    from accel.models import from_preset
+
+    model, params = from_preset(preset)
+    ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
+    got, got_tokens, cache = prefill_and_tokens(backend, model, params, ids)
+    want, want_tokens, _ = prefill_and_tokens(reference, model, params, ids)
+    assert np.abs(want).max() > 0.1
+    assert np.abs(got - want).max() <= 1e-4
+    assert got_tokens == want_tokens and len(set(want_tokens)) > 1
+    return cache
+
+
+def assert_trains_like(backend, reference, steps=10):
+    """`steps` training steps of qwen2-tiny on prompt-masked batches: per-step loss within 1e-4 relative."""
+    from accel.models import from_preset
+    from accel.train import train
+
+    model, params = from_preset("qwen2-tiny")
+    rng = np.random.default_rng(0)
     batches = []
-    for _ in range(n):
-        tokens = rng.integers(0, vocab, (2, 17))
+    for _ in range(steps):
+        tokens = rng.integers(0, model.vocab_size, (2, 17))
         labels = tokens[:, 1:].copy()
-        labels[:, :4] = -100
+        labels[:, :4] = -100  # a prompt's labels
         batches.append({"input_ids": tokens[:, :-1], "labels": labels})
-    return batches
+    want, got = (np.array([r.loss for r in train(model, b, params, batches, steps, 1e-3)])
+                 for b in (reference, backend))
+    assert len(got) == steps and want[-1] != want[0]  # the weights moved
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=0)

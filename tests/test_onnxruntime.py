@@ -16,7 +16,7 @@ from accel.errors import AccelError
 from accel.models import from_preset
 from accel.runtime import forward_fn, place
 from accel.targets import open_target
-from tests.conftest import TINY, prefill_and_tokens
+from tests.conftest import TINY, assert_generates_like, prefill_and_tokens
 
 pytest.importorskip("onnxruntime")
 
@@ -40,13 +40,7 @@ def exports():
 
 @pytest.mark.parametrize("preset", TINY)
 def test_model_through_ort_matches_torch_cpu(ort_cpu, torch_cpu, preset):
-    model, params = from_preset(preset)
-    ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
-    got, got_tokens, _ = prefill_and_tokens(ort_cpu, model, params, ids)
-    want, want_tokens, _ = prefill_and_tokens(torch_cpu, model, params, ids)
-    assert np.abs(want).max() > 0.1
-    assert np.abs(got - want).max() <= 1e-4
-    assert got_tokens == want_tokens and len(set(want_tokens)) > 1
+    assert_generates_like(ort_cpu, torch_cpu, preset)
 
 
 def test_second_run_reuses_the_cached_export(export_cache, torch_cpu):

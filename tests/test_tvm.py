@@ -13,7 +13,7 @@ from accel.conformance.op_cases import CASES
 from accel.errors import AccelError
 from accel.models import from_preset
 from accel.targets import open_target
-from tests.conftest import TINY, prefill_and_tokens
+from tests.conftest import TINY, assert_generates_like, prefill_and_tokens
 
 pytest.importorskip("tvm")
 
@@ -37,13 +37,7 @@ def compiles():
 
 @pytest.mark.parametrize("preset", TINY)
 def test_model_through_tvm_matches_torch_cpu(tvm_llvm, torch_cpu, preset):
-    model, params = from_preset(preset)
-    ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
-    got, got_tokens, _ = prefill_and_tokens(tvm_llvm, model, params, ids)
-    want, want_tokens, _ = prefill_and_tokens(torch_cpu, model, params, ids)
-    assert np.abs(want).max() > 0.1
-    assert np.abs(got - want).max() <= 1e-4
-    assert got_tokens == want_tokens and len(set(want_tokens)) > 1
+    assert_generates_like(tvm_llvm, torch_cpu, preset)
 
 
 def test_compiled_library_is_reused_across_runs_and_checkpoints(export_cache, torch_cpu):

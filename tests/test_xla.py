@@ -14,8 +14,7 @@ from accel.models import from_preset
 from accel.models._layers import Taps
 from accel.runtime import place
 from accel.targets import open_target
-from accel.train import train
-from tests.conftest import TINY, prefill_and_tokens, prompt_masked_batches
+from tests.conftest import TINY, assert_generates_like, assert_trains_like
 
 jax = pytest.importorskip("jax")
 
@@ -44,13 +43,7 @@ def test_op_matches_oracle(xla, case, dtype):
 
 @pytest.mark.parametrize("preset", TINY)
 def test_model_under_jit_matches_torch_cpu(xla, torch_cpu, preset):
-    model, params = from_preset(preset)
-    ids = np.random.default_rng(7).integers(0, model.vocab_size, (1, 9))
-    got, got_tokens, cache = prefill_and_tokens(xla, model, params, ids)
-    want, want_tokens, _ = prefill_and_tokens(torch_cpu, model, params, ids)
-    assert np.abs(want).max() > 0.1
-    assert np.abs(got - want).max() <= 1e-4
-    assert got_tokens == want_tokens and len(set(want_tokens)) > 1
+    cache = assert_generates_like(xla, torch_cpu, preset)
     # the caller's cache object carries the state the jitted forward returned
     assert cache.length == 9 + 7
     assert all(isinstance(k, jax.Array) and k.shape[1] == 16 for k, _ in cache.layers)
@@ -87,13 +80,7 @@ def test_taps_leave_jit_as_arrays(xla):
 
 
 def test_training_matches_torch_cpu(xla, torch_cpu):
-    model, params = from_preset("qwen2-tiny")
-    batches = prompt_masked_batches(model.vocab_size, 10)
-    losses = {b.target: np.array([r.loss for r in train(model, b, params, batches, 10, 1e-3)])
-              for b in (torch_cpu, xla)}
-    want, got = losses["torch:cpu"], losses["xla:cpu"]
-    assert len(got) == 10 and want[-1] != want[0]  # the weights moved
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=0)
+    assert_trains_like(xla, torch_cpu)
 
 
 def test_missing_platform_is_reported_not_replaced():
