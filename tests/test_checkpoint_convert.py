@@ -321,3 +321,21 @@ def test_names_already_on_the_wanted_side_are_kept(tmp_path):
     back = tmp_path / "back.safetensors"
     r = convert(f"mindspore-ckpt:{ms}", f"safetensors:{back}", model="qwen")
     assert (r.source_names, r.output_names) == ("hf", "hf") and back.read_bytes() == src.read_bytes()
+
+
+def test_workers_take_the_largest_tensor_waiting_first():
+    """With the only worker busy, tensors queued as a (10 B), b (1000 B), c (100 B) are done b, c, a: a
+    large lm_head at the end of a checkpoint does not leave one core working alone while the rest idle."""
+    from accel.checkpoint.base import Span
+    from accel.checkpoint.convert import Hasher, Progress
+
+    hasher = Hasher(Progress(4, 0, io.StringIO()), workers=1)
+    try:
+        busy = hasher.spans("first", 10**6, [Span(0, 0, 1)])
+        next(busy)  # the worker takes "first" (the largest, however soon it wakes) and waits for its end
+        for name, size in [("a", 10), ("b", 1000), ("c", 100)]:
+            assert list(hasher.spans(name, size, [])) == []
+        assert list(busy) == []
+        assert list(hasher.results()) == ["first", "b", "c", "a"]
+    finally:
+        hasher.close()

@@ -404,9 +404,9 @@ def test_full_disk(env):
     assert list(out.iterdir()) == []
 
 
-def test_failure_in_the_middle_of_a_tensor(env, capsys, monkeypatch):
-    """A read that fails after the writer and the hashing threads have started: the error surfaces,
-    the threads stop, and the half-written output is removed."""
+def test_failure_in_the_middle_of_a_cast_tensor(env, capsys, monkeypatch):
+    """A read that fails after the writer and the hashing threads have started (a tensor cast chunk by
+    chunk): the error surfaces, the threads stop, and the half-written output is removed."""
     from accel.checkpoint.base import FileReader
 
     tmp, src, out, params = env
@@ -420,5 +420,26 @@ def test_failure_in_the_middle_of_a_tensor(env, capsys, monkeypatch):
         return view(self, n, offset)
 
     monkeypatch.setattr(FileReader, "_view", failing)
-    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "ended early while reading")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--dtype", "float16", *to(out)],
+             "ended early while reading")
     assert len(calls) == 22 and calls[-1] == 16 << 20
+
+
+def test_source_truncated_while_copying(env, capsys, monkeypatch):
+    """The source file cut short while a worker copies a tensor out of it (no cast: the bytes go file to
+    file): the short read is an error naming the file, the other workers stop, nothing is left behind."""
+    tmp, src, out, params = env
+    f = src / "model.safetensors"
+    safetensors.write(f, params | {"lm_head.weight": np.ones((64, 160_000), np.float32)})
+    size, real, reads = f.stat().st_size, os.preadv, []
+
+    def preadv(fd, buffers, offset):
+        reads.append(offset)
+        if len(reads) == 30:  # inside lm_head's 41 MB
+            os.truncate(f, size // 2)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)],
+             f"{f}: ended early while reading; was it truncated while open?")
+    assert 30 < len(reads) < 60  # stopped at the cut, not after reading every tensor

@@ -123,6 +123,39 @@ def test_ckpt_round_trip_every_dtype(tmp_path):
     assert list(r.keys()) == list(TENSORS) and all(same(r.get(k), v) for k, v in TENSORS.items())
 
 
+@pytest.mark.parametrize("write", [lambda p, e: mindspore_ckpt.write_entries(p, e, slice_bytes=40),
+                                   safetensors.write_entries], ids=["ckpt", "safetensors"])
+def test_deferred_spans_land_where_the_writer_left_room(tmp_path, write):
+    """A writer hands each span to its `defer` and leaves room for it (here tensors are also split over
+    several .ckpt Values): the bytes copied in afterwards, in any order and after the writer closed its
+    file, give the file the writer makes when it copies them on the spot."""
+    import os
+    from dataclasses import replace
+
+    from accel.checkpoint.base import Entry, transfer
+
+    safetensors.write(tmp_path / "src.safetensors", TENSORS)
+    reader = SafetensorsFile(tmp_path / "src.safetensors")
+    pending = []
+
+    def defer(span, begin, end, fd, at):
+        pending.append((span, begin, end, os.dup(fd), at))
+
+    def entries(deferred):
+        spans = lambda n: [replace(s, defer=defer) if deferred else s for s in reader.windows(n, size=16)]  # noqa: E731
+        return [Entry(n, reader.info(n), lambda n=n: reader.chunks(n), lambda n=n: spans(n)) for n in reader.keys()]
+
+    write(tmp_path / "now", entries(False))
+    write(tmp_path / "later", entries(True))
+    assert len(pending) > len(TENSORS)  # spans of 16 bytes, some cut again at the Values' boundaries
+    seen = []
+    for span, begin, end, fd, at in reversed(pending):
+        transfer(span, begin, end, fd, at, memoryview(bytearray(7)), lambda b: seen.append(bytes(b)))
+        os.close(fd)
+    assert (tmp_path / "later").read_bytes() == (tmp_path / "now").read_bytes()
+    assert sum(map(len, seen)) == sum(a.nbytes for a in TENSORS.values())  # every byte shown on its way
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch-bin"])
 def test_hf_directory_sharded(tmp_path, fmt):
     from accel.checkpoint.hf import write_directory

@@ -10,9 +10,10 @@ file: no copy into a buffer, and the window is unmapped once the chunk is consum
 towards the process's resident memory, so a mapping of the whole file would not stay small).
 
 A tensor stored in its file as it is (no gather, no inflate) can also be handed to a writer as `Span`s,
-byte ranges of the open file, which the writer copies file to file inside the kernel (`copy_file_range`,
-as `cp` does): the bytes never pass through the process's mappings, which costs about half the CPU time
-of writing them out of one.
+byte ranges of the open file. The writer leaves room for a span's bytes where they go and hands the
+span that place (`Span.defer`), so whoever made the span copies them there, later and on another thread
+(`transfer`: read into a small buffer, seen by a hash on the way, written at their place); a span with
+nobody to defer to is copied on the spot, file to file inside the kernel (`copy_file_range`).
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Span:
-    """`length` bytes at `offset` of the file open as `fd`."""
+    """`length` bytes at `offset` of the file open as `fd` (`path`, for errors). `defer(span, begin, end,
+    out_fd, out_offset)`, when set, takes over copying bytes begin..end of the span to out_offset of
+    out_fd: the writer calls it and moves on, leaving that room in its file."""
 
     fd: int
     offset: int
     length: int
+    path: Path | None = None
+    defer: Callable[[Span, int, int, int, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,12 +156,17 @@ _UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def put(out: BinaryIO, piece: Chunk | Span, begin: int = 0, end: int | None = None) -> None:
-    """Bytes begin..end of a piece appended to `out`: a span is copied file to file inside the kernel."""
+    """Bytes begin..end of a piece appended to `out`: a span is deferred to its `defer` (the room for it
+    is left in the file), else copied file to file inside the kernel."""
     if not isinstance(piece, Span):
         out.write(memoryview(piece).cast("B")[begin:end])
         return
     end = piece.length if end is None else end
     out.flush()  # the copy writes at the file position, after what is buffered
+    if piece.defer is not None:
+        piece.defer(piece, begin, end, out.fileno(), out.tell())
+        out.seek(end - begin, os.SEEK_CUR)
+        return
     fd, offset, left = out.fileno(), piece.offset + begin, end - begin
     mover = _copy_file_range
     while left:
@@ -170,6 +180,25 @@ def put(out: BinaryIO, piece: Chunk | Span, begin: int = 0, end: int | None = No
         if n == 0:
             raise CheckpointError(f"{out.name}: the source ended early while copying; was it truncated while open?")
         offset, left = offset + n, left - n
+
+
+def transfer(span: Span, begin: int, end: int, out_fd: int, out_offset: int, buf: memoryview,
+             seen: Callable[[memoryview], object]) -> None:
+    """Bytes begin..end of `span` read into `buf` a piece at a time, each shown to `seen` (a hash's
+    update) and written at out_offset of out_fd: the bytes are read from memory once for both. A read
+    that comes up short is a source truncated while open."""
+    pos = begin
+    while pos < end:
+        view = buf[: min(len(buf), end - pos)]
+        n = os.preadv(span.fd, [view], span.offset + pos)
+        if n == 0:
+            raise CheckpointError(f"{span.path}: ended early while reading; was it truncated while open?")
+        view = view[:n]
+        seen(view)
+        done = 0
+        while done < n:
+            done += os.pwrite(out_fd, view[done:], out_offset + pos - begin + done)
+        pos += n
 
 
 def _copy_file_range(src: int, dst: int, offset: int, n: int) -> int:
@@ -263,7 +292,7 @@ class FileReader:
             lo, hi = max(begin, pos), min(end, pos + length)
             while lo < hi:
                 n = min(size, hi - lo)
-                yield Span(self._fileno(), offset + lo - pos, n)
+                yield Span(self._fileno(), offset + lo - pos, n, self.path)
                 lo += n
             pos += length
 
@@ -272,13 +301,6 @@ class FileReader:
         until the next one is asked for."""
         for w in self.windows(name, begin, end, size):
             yield self._view(w.length, w.offset)
-
-    def copies(self, name: str, begin: int = 0, end: int | None = None,
-               size: int = CHUNK) -> Iterator[tuple[Span, memoryview]]:
-        """Each window of the tensor's bytes begin..end as a span, to copy, with a view of the same bytes,
-        to hash (only for a tensor that is `copyable`)."""
-        for w in self.windows(name, begin, end, size):
-            yield w, self._view(w.length, w.offset)
 
     def get(self, name: str) -> np.ndarray:
         info = self.info(name)

@@ -2,16 +2,18 @@
 
 Each output tensor is streamed from its source byte ranges through an optional dtype cast into the
 writer, hashed (SHA-256) on the way, so memory holds a few chunks, never the model. A tensor that needs
-no cast and lies in its source file as it is goes to the writer as byte ranges of that file, which the
-writer copies file to file inside the kernel (`copy_file_range`) while worker threads hash the same
-bytes from a mapping of the source. The output is written under a temporary name in its destination
-directory (a temporary directory for a sharded HF output) and renamed only once complete and flushed
-to disk, with a manifest of every tensor's dtype, shape and SHA-256 beside it (`OUTPUT.manifest.json`).
-Sources are opened read-only and an output that would replace one of their files is refused.
+no cast and lies in its source file as it is goes to the writer as byte ranges of that file: the writer
+leaves room for them, and worker threads, one tensor each, read them through a small buffer, hash them
+and write them into that room, so the bytes are read from memory once, and every core is busy. The
+output is written under a temporary name in its destination directory (a temporary directory for a
+sharded HF output) and renamed only once complete and flushed to disk, with a manifest of every
+tensor's dtype, shape and SHA-256 beside it (`OUTPUT.manifest.json`). Sources are opened read-only and
+an output that would replace one of their files is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,16 +24,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 import numpy as np
 
-from accel.checkpoint.base import FLOATS, Chunk, Entry, FileReader, Reader, Span, size_of
+from accel.checkpoint.base import FLOATS, Chunk, Entry, FileReader, Reader, Span, size_of, transfer
 from accel.checkpoint.formats import open_reader, parse_spec, writes_directory
 from accel.checkpoint.hf import HFCheckpoint, write_directory
 from accel.checkpoint.keymap import SIDES, KeyMap, MappedView, Planned, resolve_family
@@ -62,19 +64,21 @@ def human(n: float) -> str:
 class Progress:
     """Tensor count and bytes on stderr, at most every `every` seconds (a line each; `\\r` on a terminal)."""
 
-    def __init__(self, tensors: int, nbytes: int, stream: TextIO | None = None, every: float = 2.0,
-                 writeback: Writeback | None = None):
-        self.tensors, self.nbytes, self.every, self.writeback = tensors, nbytes, every, writeback
+    def __init__(self, tensors: int, nbytes: int, stream: TextIO | None = None, every: float = 2.0):
+        self.tensors, self.nbytes, self.every = tensors, nbytes, every
         self.stream = stream if stream is not None else sys.stderr
         self.done_tensors = self.done_bytes = 0
         self.start = self.last = time.perf_counter()
         self.printed = False
+        self.lock = threading.Lock()  # the hashing threads report as they go
 
     def add(self, nbytes: int = 0, tensors: int = 0) -> None:
+        with self.lock:
+            self._add(nbytes, tensors)
+
+    def _add(self, nbytes: int, tensors: int) -> None:
         self.done_bytes += nbytes
         self.done_tensors += tensors
-        if self.writeback is not None:
-            self.writeback.add(nbytes)
         now = time.perf_counter()
         if now - self.last >= self.every:
             self.last = now
@@ -164,68 +168,173 @@ def mapping(reader: Reader, src_names: str | None, dst_names: str | None, *, mod
     return km.plan(reader, src, dst, config, allow_unmapped), src, dst, family
 
 
-T = TypeVar("T", Chunk, Span)
 HASH_STEP = 1 << 20  # bytes hashed at a time, well within a core's L2 cache
 
 
-class Hasher:
-    """SHA-256 of every tensor on worker threads, off the writer's path: SHA-256 runs at 1.2-1.8 GB/s on
-    one core, slower than the copy itself, so tensors are hashed concurrently (hashlib releases the GIL),
-    two at a time, while the writer moves on; at most `in_flight` chunks (16 MiB each) wait to be hashed.
-    A tensor the writer copies file to file is hashed from views of the source mapping, one per span."""
+def hash_workers() -> int:
+    """Threads for the manifest's SHA-256: one per core this process may run on (at least 2, at most 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores))
 
-    def __init__(self, workers: int = 2, in_flight: int = 8):
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sha256")
-        self.slots = threading.Semaphore(in_flight)
+
+class Hasher:
+    """SHA-256 of every tensor on worker threads, one tensor each (hashlib releases the GIL; SHA-256 runs
+    at 1.2-1.8 GB/s on one core, slower than a copy). A tensor the writer writes itself (`stream`: a cast)
+    is hashed beside it, at most `in_flight` chunks (16 MiB each) waiting; a tensor given to the writer
+    as spans of its source (`spans`) is copied by its worker into the room the writer leaves for it (read
+    through a buffer, hashed, written: `base.transfer`), so the writer goes on at once. A free worker
+    takes the largest tensor waiting, so no large one (an embedding, an lm_head) is left to a single core
+    at the end while the others idle. What the workers write is put to disk as it goes, then dropped from
+    the page cache (`_to_disk`). The first failure stops every worker and is raised to the writer at its
+    next piece, and by `results`."""
+
+    def __init__(self, progress: Progress, workers: int | None = None, in_flight: int = 8):
+        workers = workers or hash_workers()
+        self.progress = progress
+        self.waiting: queue.PriorityQueue = queue.PriorityQueue()  # (-bytes, order, job), largest first
+        self.threads = [threading.Thread(target=self._work, name=f"sha256-{i}", daemon=True) for i in range(workers)]
+        for t in self.threads:
+            t.start()
+        self.slots = threading.Semaphore(max(in_flight, 2 * workers))
         self.digests: dict[str, str] = {}
         self.jobs: list[tuple[Future, queue.SimpleQueue]] = []
+        self.failure: BaseException | None = None
+        self.stopped = threading.Event()
+        self.buffers = threading.local()
+        self.written: deque[tuple[int, int, int]] = deque()  # (fd, offset, length) started to disk, to drop
+        self.lag = 4 * workers  # ranges started to disk before the oldest is dropped (on disk by then)
+        self.lock = threading.Lock()
 
-    def stream(self, name: str, chunks: Iterable[Chunk], progress: Progress) -> Iterator[Chunk]:
-        """`chunks`, passed through and hashed on the side."""
-        return self._feed(name, ((c, c) for c in chunks), progress)
-
-    def spans(self, name: str, copies: Iterable[tuple[Span, Chunk]], progress: Progress) -> Iterator[Span]:
-        """The spans of `copies`, passed through, while the view of the same bytes beside each is hashed."""
-        return self._feed(name, copies, progress)
-
-    def _feed(self, name: str, pairs: Iterable[tuple[T, Chunk]], progress: Progress) -> Iterator[T]:
+    def _submit(self, work: Callable[[str, queue.SimpleQueue], None], name: str, nbytes: int) -> queue.SimpleQueue:
         q: queue.SimpleQueue = queue.SimpleQueue()
-        self.jobs.append((self.pool.submit(self._hash, name, q), q))
+        done: Future = Future()
+        self.jobs.append((done, q))
+        self.waiting.put((-nbytes, len(self.jobs), (work, name, q, done)))
+        return q
+
+    def _work(self) -> None:
+        while (job := self.waiting.get()[2]) is not None:
+            work, name, q, done = job
+            try:
+                work(name, q)
+            except BaseException as e:  # a bug here must not leave results() waiting
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+    def stream(self, name: str, nbytes: int, chunks: Iterable[Chunk], writeback: Writeback) -> Iterator[Chunk]:
+        """`chunks` (`nbytes` in all), passed through to the writer and hashed on the side."""
+        q = self._submit(self._hash, name, nbytes)
         try:
-            for item, chunk in pairs:
+            for chunk in chunks:
+                self._check()
                 self.slots.acquire()
                 q.put(chunk)
-                del chunk  # a mapped window is unmapped as soon as it is hashed
-                yield item
-                progress.add(size_of(item))
+                yield chunk  # a mapped window is unmapped once written and hashed
+                writeback.add(size_of(chunk))
         finally:
             q.put(None)
-        progress.add(tensors=1)
+
+    def spans(self, name: str, nbytes: int, spans: Iterable[Span]) -> Iterator[Span]:
+        """`spans` (`nbytes` in all), passed to the writer to be deferred: a worker copies and hashes each
+        where it goes."""
+        q = self._submit(self._copy, name, nbytes)
+
+        def defer(span: Span, begin: int, end: int, fd: int, at: int) -> None:
+            q.put((span, begin, end, os.dup(fd), at))  # the writer closes its file before the copy is done
+
+        try:
+            for span in spans:
+                self._check()
+                yield replace(span, defer=defer)
+        finally:
+            q.put(None)
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def _buffer(self) -> memoryview:
+        if not hasattr(self.buffers, "view"):
+            self.buffers.view = memoryview(bytearray(HASH_STEP))
+        return self.buffers.view
 
     def _hash(self, name: str, q: queue.SimpleQueue) -> None:
         # Each chunk is hashed through a buffer that stays in the core's cache: SHA-256 reading a chunk
         # straight from memory (a mapping of the page cache, or a fresh cast) stalls on every cache
         # line, while a copy streams it; copy and hash take ~15% less CPU than the hash alone.
-        h, buf = hashlib.sha256(), np.empty(HASH_STEP, np.uint8)
+        h, buf = hashlib.sha256(), np.frombuffer(self._buffer(), np.uint8)
         while (chunk := q.get()) is not None:
-            data = np.frombuffer(chunk, np.uint8)
-            for i in range(0, len(data), HASH_STEP):
-                part = buf[: min(HASH_STEP, len(data) - i)]
-                np.copyto(part, data[i : i + HASH_STEP])  # NumPy releases the GIL for the copy
-                h.update(part.data)
-            del chunk, data
+            try:
+                if self.failure is None and not self.stopped.is_set():
+                    data = np.frombuffer(chunk, np.uint8)
+                    for i in range(0, len(data), HASH_STEP):
+                        part = buf[: min(HASH_STEP, len(data) - i)]
+                        np.copyto(part, data[i : i + HASH_STEP])  # NumPy releases the GIL for the copy
+                        h.update(part.data)
+                    self.progress.add(len(data))
+                    del data
+            except BaseException as e:
+                self.failure = self.failure or e
+            del chunk
             self.slots.release()
-        self.digests[name] = h.hexdigest()
+        self._done(name, h)
+
+    def _copy(self, name: str, q: queue.SimpleQueue) -> None:
+        h, buf = hashlib.sha256(), self._buffer()
+        while (item := q.get()) is not None:
+            span, begin, end, fd, at = item
+            if self.failure is not None or self.stopped.is_set():
+                os.close(fd)
+                continue
+            try:
+                transfer(span, begin, end, fd, at, buf, h.update)
+                self._to_disk(fd, at, end - begin)
+                self.progress.add(end - begin)
+            except BaseException as e:
+                self.failure = self.failure or e
+                os.close(fd)
+        self._done(name, h)
+
+    def _to_disk(self, fd: int, offset: int, length: int) -> None:
+        """Start writing a range just written (posix_fadvise DONTNEED writes dirty pages back without
+        waiting), and drop the range started `lag` ranges ago, on disk by now, from the page cache; its
+        file descriptor (the worker's own) is closed then. Advice that fails changes nothing written."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        with self.lock:
+            self.written.append((fd, offset, length))
+            old = self.written.popleft() if len(self.written) > self.lag else None
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(*old, os.POSIX_FADV_DONTNEED)
+            os.close(old[0])
+
+    def _done(self, name: str, h: Any) -> None:
+        if self.failure is None and not self.stopped.is_set():
+            self.digests[name] = h.hexdigest()
+            self.progress.add(tensors=1)
 
     def results(self) -> dict[str, str]:
+        """Every tensor's digest, once every copy is written; the first failure of any worker is raised."""
         for job, _ in self.jobs:
             job.result()
+        self._check()
         return self.digests
 
     def close(self) -> None:
+        self.stopped.set()  # a job whose stream was abandoned stops at once
         for _, q in self.jobs:
-            q.put(None)  # a job whose stream was abandoned stops at once
-        self.pool.shutdown(wait=True)
+            q.put(None)
+        for i, _ in enumerate(self.threads):
+            self.waiting.put((float("inf"), i, None))  # after every job
+        for t in self.threads:
+            t.join()
+        while self.written:
+            os.close(self.written.popleft()[0])
 
 
 class Writeback:
@@ -271,12 +380,11 @@ def open_named(spec: str, names: str = "hf", model: str | None = None, config: s
     return MappedView(reader, planned, dtype)
 
 
-def _stream(view: MappedView, name: str, hasher: Hasher, progress: Progress) -> Callable[[], Iterator[Chunk]]:
-    return lambda: hasher.stream(name, view.chunks(name), progress)
+def _stream(view: MappedView, name: str, hasher: Hasher, writeback: Writeback) -> Callable[[], Iterator[Chunk]]:
+    return lambda: hasher.stream(name, view.info(name).nbytes, view.chunks(name), writeback)
 
 
-def _spans(view: MappedView, name: str, hasher: Hasher,
-           progress: Progress) -> Callable[[], Iterator[Span]] | None:
+def _spans(view: MappedView, name: str, hasher: Hasher) -> Callable[[], Iterator[Span]] | None:
     """The tensor as spans of its source files, when it needs no cast and every piece of it lies in its
     file as it is (None otherwise: it streams through `_stream`)."""
     p = view.source(name)
@@ -289,11 +397,11 @@ def _spans(view: MappedView, name: str, hasher: Hasher,
             return None
         parts.append((r, src, begin, end))
 
-    def copies() -> Iterator[tuple[Span, Chunk]]:
+    def windows() -> Iterator[Span]:
         for r, src, begin, end in parts:
-            yield from r.copies(src, begin, end)
+            yield from r.windows(src, begin, end)
 
-    return lambda: hasher.spans(name, copies(), progress)
+    return lambda: hasher.spans(name, view.info(name).nbytes, windows())
 
 
 def _fsync(path: Path) -> None:
@@ -352,12 +460,13 @@ def convert(source: str, output: str, *, model: str | None = None, config: str |
     total = sum(view.info(n).nbytes for n in view.keys())
     manifest_path = dst_path.with_name(dst_path.name + ".manifest.json")
     stage = _stage(dst_path)
-    bar = Progress(len(planned), total, progress, progress_every, Writeback(stage))
-    hasher = Hasher()
-    entries = [Entry(n, view.info(n), _stream(view, n, hasher, bar), _spans(view, n, hasher, bar))
-               for n in view.keys()]
-    out, manifest = stage / dst_path.name, stage / manifest_path.name
+    bar = Progress(len(planned), total, progress, progress_every)
+    hasher = Hasher(bar)
     try:
+        writeback = Writeback(stage)
+        entries = [Entry(n, view.info(n), _stream(view, n, hasher, writeback), _spans(view, n, hasher))
+                   for n in view.keys()]
+        out, manifest = stage / dst_path.name, stage / manifest_path.name
         if directory:
             out.mkdir()
             files = write_directory(out, fmt_dst.name, entries, max_bytes)
@@ -368,10 +477,10 @@ def convert(source: str, output: str, *, model: str | None = None, config: str |
             fmt_dst.write_file(out, entries)
             files = dict.fromkeys(view.keys(), dst_path.name)
             written = [out]
-        for f in written:  # while the last tensors are still being hashed
+        digests = hasher.results()  # every tensor copied and hashed
+        for f in written:
             _fsync(f)
         bar.close()
-        digests = hasher.results()
         manifest.write_text(manifest_text({
             "format": fmt_dst.name, "path": dst_path.name, "names": dst_names, "model_type": family,
             "source": {"format": fmt_src.name, "path": str(src_path), "names": src_names},
