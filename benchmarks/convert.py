@@ -11,8 +11,9 @@ run's dirty pages slow it down; wall time is the child's, CPU time (user + syste
 - cp: `cp` of the same bytes (which returns with the copy still in the page cache), and cp+sync: the
   same followed by `sync FILE`, since accel fsyncs its output before renaming it into place.
 - sha256sum: the SHA-256 of the same bytes, alone (coreutils, for scale).
-- accel: `accel convert` (tensor bytes copied file to file with copy_file_range, SHA-256 of every
-  tensor for the manifest on two threads, writeback started as it goes, fsync, rename).
+- accel: `accel convert` (one worker thread per core, each taking the largest tensor waiting: its bytes
+  read through a small buffer, hashed (SHA-256, for the manifest) and written where the writer left room
+  for them; writeback started as it goes, fsync, rename).
 - accel --dtype float16: the same through the streaming cast path (every chunk read, cast, written).
 - load-everything: what the usual converter scripts do: read every tensor into memory, rename and
   split them, build MindSpore tensors, call save_checkpoint. Its output must be byte-identical to
@@ -219,6 +220,9 @@ def main() -> None:
                   f"peak RSS {rss[k] / 2**20:8.1f} MiB")
         print(f"  accel throughput / cp: {med['cp'] / med['accel']:.2f}; "
               f"/ cp+sync: {med['cp+sync'] / med['accel']:.2f}")
+        rounds = [c / a for c, a in zip(times["cp"], times["accel"], strict=True)]  # neighbours in time
+        print(f"  accel throughput / cp in each round: {' '.join(f'{r:.2f}' for r in rounds)} "
+              f"(median {statistics.median(rounds):.2f})")
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if inner:
             print(f"  load-everything / accel: {med['load-everything'] / med['accel']:.2f} (wall); "
