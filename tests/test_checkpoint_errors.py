@@ -404,6 +404,29 @@ def test_full_disk(env):
     assert list(out.iterdir()) == []
 
 
+def test_disk_full_while_a_worker_copies(env, capsys, monkeypatch):
+    """The disk fills while a worker writes a tensor's bytes into the output: one line naming the output
+    and the cause, the other workers stop, nothing is left behind, no file descriptor leaks."""
+    import errno
+
+    tmp, src, out, params = env
+    safetensors.write(src / "model.safetensors", params | {"lm_head.weight": np.ones((64, 160_000), np.float32)})
+    real, writes = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        writes.append(offset)
+        if len(writes) == 30:  # inside lm_head's 41 MB, 1 MiB at a time
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)],
+             f"cannot write {out / 'x.ckpt'}: No space left on device")
+    assert 30 <= len(writes) < 60
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_failure_in_the_middle_of_a_cast_tensor(env, capsys, monkeypatch):
     """A read that fails after the writer and the hashing threads have started (a tensor cast chunk by
     chunk): the error surfaces, the threads stop, and the half-written output is removed."""
@@ -427,7 +450,8 @@ def test_failure_in_the_middle_of_a_cast_tensor(env, capsys, monkeypatch):
 
 def test_source_truncated_while_copying(env, capsys, monkeypatch):
     """The source file cut short while a worker copies a tensor out of it (no cast: the bytes go file to
-    file): the short read is an error naming the file, the other workers stop, nothing is left behind."""
+    file): the short read is an error naming the file, the other workers stop, nothing is left behind,
+    no file descriptor leaks."""
     tmp, src, out, params = env
     f = src / "model.safetensors"
     safetensors.write(f, params | {"lm_head.weight": np.ones((64, 160_000), np.float32)})
@@ -439,7 +463,9 @@ def test_source_truncated_while_copying(env, capsys, monkeypatch):
             os.truncate(f, size // 2)
         return real(fd, buffers, offset)
 
+    fds = len(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(os, "preadv", preadv)
     run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)],
              f"{f}: ended early while reading; was it truncated while open?")
     assert 30 < len(reads) < 60  # stopped at the cut, not after reading every tensor
+    assert len(os.listdir("/proc/self/fd")) == fds  # the source closed, the workers' descriptors too

@@ -335,6 +335,7 @@ class Hasher:
             t.join()
         while self.written:
             os.close(self.written.popleft()[0])
+        self.failure = None  # its traceback holds the workers' frames, which hold this object: no cycle left
 
 
 class Writeback:
