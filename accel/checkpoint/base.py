@@ -13,12 +13,11 @@ A tensor stored in its file as it is (no gather, no inflate) can also be handed 
 byte ranges of the open file. The writer leaves room for a span's bytes where they go and hands the
 span that place (`Span.defer`), so whoever made the span copies them there, later and on another thread
 (`transfer`: read into a small buffer, seen by a hash on the way, written at their place); a span with
-nobody to defer to is copied on the spot, file to file inside the kernel (`copy_file_range`).
+nobody to defer to is copied on the spot the same way.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import mmap
 import os
@@ -150,36 +149,21 @@ def _counted(entry: Entry, items: Iterable[P], where: str) -> Iterator[P]:
                               f"{list(entry.info.shape)} of {entry.info.dtype.name} needs {entry.info.nbytes}")
 
 
-# copy_file_range refuses a pair of files it cannot copy between (EXDEV across file systems since Linux
-# 5.19, EINVAL or EOPNOTSUPP on some file systems); sendfile, then read and write, move the same bytes.
-_UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
-
-
 def put(out: BinaryIO, piece: Chunk | Span, begin: int = 0, end: int | None = None) -> None:
-    """Bytes begin..end of a piece appended to `out`: a span is deferred to its `defer` (the room for it
-    is left in the file), else copied file to file inside the kernel."""
+    """Bytes begin..end of a piece appended to `out`. For a span, the room is left in the file and the
+    span's `defer` fills it, later; a span without one is copied in at once (`transfer`)."""
     if not isinstance(piece, Span):
         out.write(memoryview(piece).cast("B")[begin:end])
         return
     end = piece.length if end is None else end
-    out.flush()  # the copy writes at the file position, after what is buffered
+    out.flush()  # the bytes go at the file position, after what is buffered
+    at = out.tell()
     if piece.defer is not None:
-        piece.defer(piece, begin, end, out.fileno(), out.tell())
-        out.seek(end - begin, os.SEEK_CUR)
-        return
-    fd, offset, left = out.fileno(), piece.offset + begin, end - begin
-    mover = _copy_file_range
-    while left:
-        try:
-            n = mover(piece.fd, fd, offset, left)
-        except OSError as e:
-            if e.errno not in _UNSUPPORTED or mover is _read_write:
-                raise
-            mover = _sendfile if mover is _copy_file_range else _read_write
-            continue
-        if n == 0:
-            raise CheckpointError(f"{out.name}: the source ended early while copying; was it truncated while open?")
-        offset, left = offset + n, left - n
+        piece.defer(piece, begin, end, out.fileno(), at)
+    else:
+        transfer(piece, begin, end, out.fileno(), at, memoryview(bytearray(min(end - begin, 1 << 20))),
+                 lambda _: None)
+    out.seek(end - begin, os.SEEK_CUR)
 
 
 def transfer(span: Span, begin: int, end: int, out_fd: int, out_offset: int, buf: memoryview,
@@ -199,22 +183,6 @@ def transfer(span: Span, begin: int, end: int, out_fd: int, out_offset: int, buf
         while done < n:
             done += os.pwrite(out_fd, view[done:], out_offset + pos - begin + done)
         pos += n
-
-
-def _copy_file_range(src: int, dst: int, offset: int, n: int) -> int:
-    return os.copy_file_range(src, dst, n, offset)
-
-
-def _sendfile(src: int, dst: int, offset: int, n: int) -> int:
-    return os.sendfile(dst, src, offset, n)
-
-
-def _read_write(src: int, dst: int, offset: int, n: int) -> int:
-    data = os.pread(src, min(n, CHUNK), offset)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(dst, view):]
-    return len(data)
 
 
 class FileReader:
