@@ -228,7 +228,7 @@ def test_an_unreachable_master_is_a_clear_error(faults):
 
 def test_a_mindspore_watchdog_ends_an_overrunning_call(tmp_path):
     """MindSpore's collectives block in C++; the watchdog must end the rank with one line."""
-    code = ("import time\nfrom accel.dist import _Watchdog, MindSporeCollectives\n"
+    code = ("import time\nfrom accel.dist._mindspore import MindSporeCollectives, _Watchdog\n"
             "c = MindSporeCollectives.__new__(MindSporeCollectives); c.timeout, c.rank, c.world_size = 0.5, 1, 2\n"
             "with _Watchdog(c, 'all_gather'):\n    time.sleep(30)\nprint('not reached')\n")
     start = time.monotonic()
