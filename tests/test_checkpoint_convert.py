@@ -20,6 +20,7 @@ from accel.checkpoint import mindspore_ckpt, safetensors
 from accel.checkpoint.convert import convert
 from accel.checkpoint.hf import HFCheckpoint
 from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
+from accel.checkpoint.safetensors import SafetensorsFile
 from accel.cli import main
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -339,3 +340,21 @@ def test_workers_take_the_largest_tensor_waiting_first():
         assert list(hasher.results()) == ["first", "b", "c", "a"]
     finally:
         hasher.close()
+
+
+@pytest.mark.parametrize("shards", [None, "10KB"])
+def test_workers_open_each_output_file_once(tmp_path, monkeypatch, shards):
+    """The workers write into the writer's files through descriptors of their own: one per output file,
+    not one per piece (a 70B checkpoint is ~8,000 pieces of 16 MiB; a descriptor each would pass
+    `ulimit -n`), and the output is still the same bytes."""
+    src = write_hf(tmp_path / "in.safetensors", synthetic("qwen"))
+    real, dups = os.dup, []
+    monkeypatch.setattr(os, "dup", lambda fd: dups.append(fd) or real(fd))
+    out = tmp_path / ("out" if shards else "out.safetensors")
+    r = convert(f"safetensors:{src}", f"safetensors:{out}", max_shard_size=shards)
+    files = sorted(out.glob("*.safetensors")) if shards else [out]
+    assert r.tensors == 19 and (len(files) > 2 if shards else len(files) == 1)
+    assert len(dups) == len(files)
+    back = HFCheckpoint(out) if shards else SafetensorsFile(out)
+    want = synthetic("qwen")
+    assert all(np.array_equal(back.get(n), want[n]) for n in want)
