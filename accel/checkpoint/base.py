@@ -149,6 +149,11 @@ def _counted(entry: Entry, items: Iterable[P], where: str) -> Iterator[P]:
                               f"{list(entry.info.shape)} of {entry.info.dtype.name} needs {entry.info.nbytes}")
 
 
+def truncated(path: Path | None) -> CheckpointError:
+    """A read of a file that came up short after its header was checked: it shrank while open."""
+    return CheckpointError(f"{path}: ended early while reading; was it truncated while open?")
+
+
 def put(out: BinaryIO, piece: Chunk | Span, begin: int = 0, end: int | None = None) -> None:
     """Bytes begin..end of a piece appended to `out`. For a span, the room is left in the file and the
     span's `defer` fills it, later; a span without one is copied in at once (`transfer`)."""
@@ -176,7 +181,7 @@ def transfer(span: Span, begin: int, end: int, out_fd: int, out_offset: int, buf
         view = buf[: min(len(buf), end - pos)]
         n = os.preadv(span.fd, [view], span.offset + pos)
         if n == 0:
-            raise CheckpointError(f"{span.path}: ended early while reading; was it truncated while open?")
+            raise truncated(span.path)
         view = view[:n]
         seen(view)
         done = 0
@@ -233,7 +238,7 @@ class FileReader:
     def _pread(self, n: int, offset: int) -> bytes:
         data = os.pread(self._fileno(), n, offset)
         if len(data) != n:
-            raise CheckpointError(f"{self.path}: ended early while reading; was it truncated while open?")
+            raise truncated(self.path)
         return data
 
     def copyable(self, name: str) -> bool:
@@ -246,7 +251,7 @@ class FileReader:
         as soon as the view is dropped, so mapped pages never pile up in the resident set."""
         fd = self._fileno()
         if os.fstat(fd).st_size < offset + n:  # a mapping past the end would fault (SIGBUS) when read
-            raise CheckpointError(f"{self.path}: ended early while reading; was it truncated while open?")
+            raise truncated(self.path)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         window = mmap.mmap(fd, offset + n - start, offset=start, access=mmap.ACCESS_READ)
         return memoryview(window)[offset - start : offset - start + n]
