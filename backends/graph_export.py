@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from accel import cache_dir
 from accel.backend import BackendBase, impls
 from accel.backends.torch_eager import _COMPOSITES, _DTYPES, TorchBackend, attention_sdpa, torch
 from accel.compare import one_line
@@ -53,10 +54,6 @@ _ALLOWED_GUARD_NODES = (ast.Expression, ast.Compare, ast.BinOp, ast.UnaryOp, ast
 
 class ExportFailed(AccelError):
     """A graph that the exporter or compiler rejects; the message is its own reason, one line."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ACCEL_CACHE_DIR") or Path.home() / ".cache" / "accel-port")
 
 
 def _tensor_digest(h: Any, t: torch.Tensor) -> None:

@@ -177,22 +177,33 @@ def run_op_case(backend: Any, case: OpCase, dtype: str, ctx: Context | None = No
 # --- model cases ----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
-def model_inputs(preset: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
-    """The preset's seeded weights (float32) and a batch of 2 x 12 token ids."""
-    from accel.models import from_preset
+# The checkpoint directories of this run, by the name its rows and golden records give them (the
+# directory's name, the same on every machine); a model name not here is a preset. The runner hands the
+# table to each worker.
+CHECKPOINTS: dict[str, str] = {}
 
-    model, params = from_preset(preset, seed=0)
-    ids = np.random.default_rng(seed_of(preset, "ids")).integers(0, model.vocab_size, (2, 12))
+
+@lru_cache(maxsize=16)
+def model_inputs(name: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """The model's weights (a preset's seeded float32 ones, or a checkpoint directory's as stored) and a
+    batch of 2 x 12 token ids."""
+    from accel.models import from_preset, from_pretrained
+
+    model, params = from_pretrained(CHECKPOINTS[name]) if name in CHECKPOINTS else from_preset(name, seed=0)
+    ids = np.random.default_rng(seed_of(name, "ids")).integers(0, model.vocab_size, (2, 12))
     return model, params, ids
 
 
-def _golden_model_inputs(ctx: Context, preset: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
-    model, params, ids = model_inputs(preset)
+def _golden_model_inputs(ctx: Context, name: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """The model's inputs, from the golden record when comparing against one. A checkpoint's weights are
+    never copied into a record (only their digests, checked before the run): they come from its directory."""
+    model, params, ids = model_inputs(name)
     if ctx.golden is None:
         return model, params, ids
-    stored = ctx.golden.inputs(f"models/{preset}")
-    return model, {k: stored[f"param.{k}"] for k in params}, stored["input_ids"]
+    stored = ctx.golden.inputs(f"models/{name}")
+    if name not in CHECKPOINTS:
+        params = {k: stored[f"param.{k}"] for k in params}
+    return model, params, stored["input_ids"]
 
 
 @lru_cache(maxsize=1)

@@ -47,12 +47,16 @@ class Recorder:
         self.arrays[f"{case_id}|actual"] = _storable(actual)
         self.cases[case_id] = {"metrics": metrics, "inputs": sorted(inputs)}
 
-    def add_model(self, preset: str, params: dict[str, np.ndarray], ids: np.ndarray) -> None:
-        if preset in self.models:
+    def add_model(self, name: str, params: dict[str, np.ndarray], ids: np.ndarray) -> None:
+        """A model's inputs: a preset's weights with its token ids; of a checkpoint directory, the ids
+        only (its identity goes into the manifest, its weights stay where they are)."""
+        from accel.conformance.cases import CHECKPOINTS
+
+        if name in self.models:
             return
-        self.models.add(preset)
-        key = f"models/{preset}"
-        self.add(key, {"input_ids": ids, **{f"param.{k}": v for k, v in params.items()}}, np.zeros(0), np.zeros(0), {})
+        self.models.add(name)
+        weights = {} if name in CHECKPOINTS else {f"param.{k}": v for k, v in params.items()}
+        self.add(f"models/{name}", {"input_ids": ids, **weights}, np.zeros(0), np.zeros(0), {})
 
     def flush(self) -> None:
         if not self.cases:
@@ -74,8 +78,10 @@ def staging_dir(final: Path) -> Path:
     return tmp
 
 
-def finish(staging: Path, final: Path, target: str, environment: dict[str, Any]) -> None:
-    """Merges the workers' parts into one record and renames it into place."""
+def finish(staging: Path, final: Path, target: str, environment: dict[str, Any],
+           checkpoints: dict[str, dict[str, str]] | None = None) -> None:
+    """Merges the workers' parts into one record and renames it into place. `checkpoints`: the identity
+    (tensor name -> SHA-256) of each checkpoint directory the record was written from, by model name."""
     arrays: dict[str, np.ndarray] = {}
     cases: dict[str, Any] = {}
     for part in sorted((staging / "parts").glob("*.json")):
@@ -87,7 +93,7 @@ def finish(staging: Path, final: Path, target: str, environment: dict[str, Any])
         raise ConformanceError("no case produced output; nothing to record")
     safetensors.write(staging / "arrays.safetensors", arrays)
     manifest = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "target": target, "environment": environment, "cases": cases}
+                "target": target, "environment": environment, "checkpoints": checkpoints or {}, "cases": cases}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
     shutil.rmtree(staging / "parts")
     os.replace(staging, final)
@@ -101,7 +107,7 @@ class GoldenRecord:
             raise ConformanceError(f"{self.directory} is not a golden record (no manifest.json)")
         try:
             self.manifest = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError, UnicodeDecodeError):  # ValueError: bad JSON, or a 5000-digit number
             raise ConformanceError(f"{manifest} is not valid JSON") from None
         if self.manifest.get("format") != FORMAT:
             raise ConformanceError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT}")
@@ -109,6 +115,18 @@ class GoldenRecord:
         self.keys = set(self.arrays.keys())
         self.cases: dict[str, Any] = self.manifest["cases"]
         self.target: str = self.manifest["target"]
+        self.checkpoints: dict[str, dict[str, str]] = self.manifest.get("checkpoints") or {}
+
+    def check_checkpoints(self, directories: dict[str, str]) -> None:
+        """Refuses, before anything runs, a record written from checkpoint directories unless each one is
+        given (by name -> path) and holds the very weights it was written from."""
+        from accel.checkpoint.identity import check_same
+
+        for name, digests in self.checkpoints.items():
+            if name not in directories:
+                raise ConformanceError(f"golden record {self.directory} was written from the checkpoint directory "
+                                       f"{name}: give that directory with --models")
+            check_same(digests, directories[name], f"golden record {self.directory}")
 
     def _get(self, key: str) -> np.ndarray:
         if key not in self.keys:

@@ -38,7 +38,55 @@ def case_kinds() -> list[str]:
     return [*BUILTIN_KINDS, *(k for m in case_modules() for k in m.CASE_KINDS)]
 
 
-def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str]) -> list[Job]:
+def resolve_models(specs: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """Model names for the jobs, and the checkpoint directories among them (name -> absolute path). A
+    spec is a preset or an HF checkpoint directory, named by the directory's name (rows and golden
+    records then read the same on every machine)."""
+    from accel.models import config_from_pretrained, presets
+
+    known = presets()
+    names: list[str] = []
+    directories: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec)
+        if spec in known and not (path.is_dir() and ("/" in spec or spec.startswith("."))):
+            name = spec
+        elif path.is_dir() or "/" in spec or spec.startswith("."):
+            config_from_pretrained(path)  # a directory of an unsupported model_type is refused here
+            name = path.resolve().name
+            if name in known:
+                raise ConformanceError(f"checkpoint directory {spec} has the name of the preset {name}; rename it")
+            if name in directories and directories[name] != str(path.resolve()):
+                raise ConformanceError(f"two checkpoint directories are named {name} ({directories[name]}, {spec}); "
+                                       "rename one")
+            directories[name] = str(path.resolve())
+        else:
+            raise ConformanceError(f"{spec!r} is neither a model preset nor a checkpoint directory; "
+                                   "see `accel models`")
+        if name not in names:
+            names.append(name)
+    return names, directories
+
+
+def stored_dtype(directory: str) -> str:
+    """The dtype a checkpoint directory's floating-point weights are stored in (the most common one)."""
+    from collections import Counter
+
+    from accel.checkpoint.hf import HFCheckpoint
+
+    ckpt = HFCheckpoint(directory)
+    counts = Counter(ckpt.info(n).dtype.name for n in ckpt.keys())
+    floats = [d for d, _ in counts.most_common() if d in ("float32", "float16", "bfloat16", "float64")]
+    return floats[0] if floats else "float32"
+
+
+def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str],
+              checkpoints: dict[str, str] | None = None, full_training: bool | None = None) -> list[Job]:
+    """The jobs of a run. `checkpoints`: the models among `models` that are checkpoint directories (name
+    -> path); they take the inference, generation and training cases (LoRA at the dtype the weights are
+    stored in when it is asked for, and full fine-tuning only with `full_training`: its optimiser state
+    is 4x the weights), not the suite's own checkpoint-format and collective cases. Presets train both
+    ways unless `full_training` is False."""
     cases, models, dtypes = list(cases), list(models), list(dtypes)
     known = case_kinds()
     unknown = sorted(set(cases) - set(known))
@@ -46,7 +94,8 @@ def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str]
         raise ConformanceError(f"unknown case kind(s) {', '.join(unknown)}; known: {', '.join(known)}")
     from accel.models import presets
 
-    missing = sorted(set(models) - set(presets()))
+    directories = checkpoints or {}
+    missing = sorted(set(models) - set(presets()) - set(directories))
     if missing:
         raise ConformanceError(f"unknown model preset(s) {', '.join(missing)}; see `accel models`")
     jobs: list[Job] = []
@@ -59,8 +108,24 @@ def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str]
             jobs += [("generation", m, "float32") for m in models if "float32" in dtypes]
         else:
             module = next(m for m in case_modules() if case in m.CASE_KINDS)
-            jobs += module.plan(case, models, dtypes)
+            presets_here = [m for m in models if m not in directories]
+            if case == "training":
+                for kind, item, dtype in module.plan(case, models, dtypes):
+                    name, lora = model_of(item), item.endswith("+lora")
+                    if name in directories and lora and (own := stored_dtype(directories[name])) in dtypes:
+                        dtype = own
+                    if lora or (full_training if name in directories else full_training is not False):
+                        jobs.append((kind, item, dtype))
+            else:
+                jobs += module.plan(case, presets_here, dtypes)
     return jobs
+
+
+def model_of(item: str) -> str:
+    """The model a job's item names: "qwen2-tiny+lora", "qwen2-tiny:npz", "tp-qwen2-tiny" -> "qwen2-tiny"."""
+    for prefix in ("tp-", "dp-step-"):
+        item = item.removeprefix(prefix)
+    return item.partition("+")[0].partition(":")[0]
 
 
 # --- running a target in workers --------------------------------------------------------------------
@@ -75,6 +140,7 @@ class Options:
     known_failures: Path = KNOWN_FAILURES
     nproc: int = 2
     jobs: int = 1  # targets run at once
+    checkpoints: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint directory
 
 
 def _signal_name(code: int) -> str:
@@ -108,7 +174,8 @@ def _run_worker(target: str, jobs: list[Job], pending: list[int], options: Optio
                 rows: dict[int, Row], on_row: Callable[[Row], None]) -> bool:
     """One worker over the pending jobs. Returns False when it started no case at all."""
     spec = {"target": target, "jobs": [jobs[i] for i in pending], "golden": options.golden,
-            "record": options.record, "policy": options.policy, "nproc": options.nproc}
+            "record": options.record, "policy": options.policy, "nproc": options.nproc,
+            "checkpoints": options.checkpoints}
     proc = subprocess.Popen([sys.executable, "-m", "accel.conformance.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     assert proc.stdin is not None and proc.stdout is not None

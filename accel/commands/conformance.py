@@ -23,7 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "reports/<timestamp>/ and reports/latest/. Exit code 1 when any case fails unexpectedly.")
     p.add_argument("--targets", type=_csv, metavar="T1,T2",
                    help="targets to check (default: every target available here but the numpy:cpu reference)")
-    p.add_argument("--models", type=_csv, metavar="M1,M2", help="model presets (default: every *-tiny preset)")
+    p.add_argument("--models", type=_csv, metavar="M1,DIR",
+                   help="model presets and/or Hugging Face checkpoint directories, a row naming a directory by "
+                        "its name (default: every *-tiny preset)")
+    p.add_argument("--full-training", action="store_true",
+                   help="train checkpoint directories fully as well as with LoRA (full fine-tuning holds AdamW "
+                        "state of 4x the weights; presets always train both ways)")
     p.add_argument("--cases", type=_csv, metavar="C1,C2",
                    help="case kinds: ops, inference, generation, training, checkpoints, collectives (default: all "
                         "but collectives)")
@@ -63,21 +68,27 @@ def run(args: argparse.Namespace) -> int:
         if not args.known_failures.is_dir():
             raise UsageError(f"--known-failures {args.known_failures} is not a directory")
         options.known_failures = args.known_failures
+    models, options.checkpoints = runner.resolve_models(args.models or ())
     if args.golden:
         record = golden.GoldenRecord(args.golden)
+        record.check_checkpoints(options.checkpoints)  # other weights: one line now, not a wall of failures
         jobs = [j for j in record.jobs() if (not args.cases or j[0] in args.cases)
-                and (not args.models or j[1] in args.models or j[0] == "ops")
+                and (not models or runner.model_of(j[1]) in models or j[0] == "ops")
                 and (not args.dtypes or j[2] in args.dtypes)]
         options.golden = str(args.golden.resolve())
         print(f"conformance: against golden record {args.golden} (written by {record.target})", flush=True)
     else:
         default_cases = [c for c in runner.case_kinds() if c != "collectives"]
-        models = args.models or tuple(n for n in presets() if n.endswith("-tiny"))
-        jobs = runner.plan_jobs(args.cases or default_cases, models, args.dtypes or runner.DEFAULT_DTYPES)
-    staging = None
+        models = models or [n for n in presets() if n.endswith("-tiny")]
+        jobs = runner.plan_jobs(args.cases or default_cases, models, args.dtypes or runner.DEFAULT_DTYPES,
+                                options.checkpoints, full_training=True if args.full_training else None)
+    staging, identities = None, {}
     if args.write_golden:
+        from accel.checkpoint.identity import tensor_digests
+
         if len(targets) != 1:
             raise UsageError("--write-golden records one target: give exactly one with --targets")
+        identities = {name: tensor_digests(path) for name, path in options.checkpoints.items()}
         staging = golden.staging_dir(args.write_golden)
         options.record = str(staging)
     print(f"conformance: {len(jobs) * len(targets)} cases on {', '.join(targets)}", flush=True)
@@ -98,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"seconds": round(seconds, 1), "targets": targets, "golden": str(args.golden) if args.golden else None}
     out = report.write(rows, args.report_dir, meta)
     if staging is not None:
-        golden.finish(staging, args.write_golden, targets[0], report.environment())
+        golden.finish(staging, args.write_golden, targets[0], report.environment(), identities)
         print(f"golden record written to {args.write_golden}")
     c = report.counts(rows)
     fixed = sum("known failure now passes" in r.detail for r in rows)
