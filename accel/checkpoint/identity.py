@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from accel import cache_dir
+from accel.checkpoint.hf import HFCheckpoint
 from accel.errors import CheckpointError
 
 
@@ -43,8 +44,6 @@ def _from_manifest(directory: Path, names: list[str], newest: int) -> dict[str, 
 
 def tensor_digests(directory: str | Path) -> dict[str, str]:
     """name -> SHA-256 hex digest of each tensor of the HF checkpoint directory, in the checkpoint's order."""
-    from accel.checkpoint.hf import HFCheckpoint
-
     directory = Path(directory)
     ckpt = HFCheckpoint(directory)
     names = ckpt.keys()
@@ -62,12 +61,7 @@ def tensor_digests(directory: str | Path) -> dict[str, str]:
             return digests
     except (OSError, ValueError, RecursionError):
         pass
-    digests = {}
-    for name in names:
-        h = hashlib.sha256()
-        for chunk in ckpt.chunks(name):
-            h.update(chunk)
-        digests[name] = h.hexdigest()
+    digests = {name: _digest(ckpt, name) for name in names}
     try:  # the cache is a convenience: a read-only home only costs the hashing next time
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -76,6 +70,13 @@ def tensor_digests(directory: str | Path) -> dict[str, str]:
     except OSError:
         pass
     return digests
+
+
+def _digest(ckpt: HFCheckpoint, name: str) -> str:
+    h = hashlib.sha256()
+    for chunk in ckpt.chunks(name):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def first_difference(recorded: dict[str, str], actual: dict[str, str]) -> str | None:
