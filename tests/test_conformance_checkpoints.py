@@ -143,3 +143,79 @@ def test_identity_comes_from_a_convert_manifest_or_is_computed_and_cached(tmp_pa
     (directory / "model.safetensors").touch()  # a weight file newer than the cache entry's stamp
     identity.tensor_digests(directory)
     assert seen
+
+
+def _lm_head_fault(vocab: int, token: int, delta: float):
+    """torch:cpu with a planted fault: `delta` added to one token's logit wherever the lm_head computes."""
+    import torch
+
+    from accel.backends import torch_eager as te
+    from accel.targets import open_target
+
+    backend = open_target("torch:cpu", policy={})
+
+    def linear(x, weight, bias=None):
+        out = te.linear(x, weight, bias)
+        if out.shape[-1] == vocab:
+            out = out + delta * torch.nn.functional.one_hot(torch.tensor(token), vocab).to(out.dtype)
+        return out
+
+    backend.ops.__dict__["linear"] = linear
+    backend.name = "faulty"  # not torch:cpu, the reference device, any more
+    return backend
+
+
+@pytest.fixture
+def tied_checkpoint(tmp_path, monkeypatch):
+    """qwen2-tiny weights with the lm_head rows of the first greedy token and its neighbour made equal:
+    an exact tie of the reference's top-1 and top-2 at the first generated position."""
+    from accel.checkpoint import hf as hf_ckpt
+    from accel.checkpoint.base import entries_of
+    from accel.conformance import cases
+    from accel.models import from_preset
+    from accel.runtime import generate, place
+    from accel.targets import open_target
+
+    model, params = from_preset("qwen2-tiny")
+    directory = tmp_path / "tied-qwen2"
+    directory.mkdir()
+    save_hf_qwen2(tmp_path / "cfg")
+    (directory / "config.json").write_text((tmp_path / "cfg" / "config.json").read_text())
+    hf_ckpt.write_directory(directory, "safetensors", entries_of(params), 1 << 30)
+    monkeypatch.setitem(cases.CHECKPOINTS, "tied-qwen2", str(directory))
+    cases.model_inputs.cache_clear()
+    ids = cases.model_inputs("tied-qwen2")[2]  # the prompt the case will use
+    ref = open_target("numpy:cpu", policy={})
+    first = int(generate(model, ref, place(ref, params, "float64"), ids[:1], 1, use_cache=False)[0, 0])
+    lo, hi = (first, first + 1) if first + 1 < model.vocab_size else (first - 1, first)
+    head = params["lm_head.weight"].copy()
+    head[hi] = head[lo]  # the reference (np.argmax: the first of equal logits) keeps choosing `lo`
+    (directory / "model.safetensors").unlink()
+    hf_ckpt.write_directory(directory, "safetensors", entries_of(params | {"lm_head.weight": head}), 1 << 30)
+    cases.model_inputs.cache_clear()
+    yield model.vocab_size, lo, hi
+    cases.model_inputs.cache_clear()
+
+
+def test_a_flip_at_a_near_tie_is_reported_and_passes(tied_checkpoint):
+    from accel.conformance.cases import run_generation_case
+
+    vocab, lo, hi = tied_checkpoint
+    row = run_generation_case(_lm_head_fault(vocab, hi, 1e-7), "tied-qwen2", "float32")
+    assert row.status == "pass", row.detail
+    assert row.metrics["near_ties"] >= 1 and row.metrics["token_agreement"] < 1
+    assert f"near-tie at position 0: token {hi} for token {lo}" in row.detail
+    assert row.series["top1_agrees"][0] == 0 and all(row.series["top1_agrees"][1:])  # teacher forced: no cascade
+
+
+def test_a_flip_with_a_wide_margin_fails_naming_position_tokens_and_margin(tied_checkpoint):
+    from accel.conformance.cases import run_generation_case
+
+    vocab, lo, hi = tied_checkpoint
+    other = (hi + 7) % vocab
+    row = run_generation_case(_lm_head_fault(vocab, other, 50.0), "tied-qwen2", "float32")
+    assert row.status == "fail"
+    # position 0 is the planted tie, so the flip there is still a near-tie; position 1 is a real divergence
+    assert row.detail.startswith(f"position 1: token {other} instead of token "), row.detail
+    assert f"near-tie at position 0: token {other} for token {lo}" in row.detail
+    assert row.metrics["kl_max"] > 1.0
