@@ -3,7 +3,7 @@ KV cache (and without it, by full recomputation, as its check)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -11,10 +11,19 @@ import numpy as np
 from accel.errors import UsageError
 
 
-def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str) -> dict[str, Any]:
-    """Weights onto the backend's device, float tensors cast to `dtype` (other tensors keep theirs)."""
+def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: bool = False) -> dict[str, Any]:
+    """Weights onto the backend's device, float tensors cast to `dtype` (other tensors keep theirs).
+    With `consume`, `params` (a dict the caller gives up) is emptied as it goes: each source tensor is
+    dropped once placed, so a cast holds one source tensor at a time, never the source and the result
+    whole. A backend may alias a tensor that needs no cast (a checkpoint's mapping stays the weights)."""
     backend.check_dtype(dtype)
-    return {k: backend.asarray(v, dtype if np.asarray(v).dtype.kind in "fV" else None) for k, v in params.items()}
+    if consume and not isinstance(params, MutableMapping):
+        raise TypeError("place(consume=True) needs a mutable mapping of params")
+    out = {}
+    for k in list(params):
+        v = params.pop(k) if isinstance(params, MutableMapping) and consume else params[k]
+        out[k] = backend.asarray(v, dtype if np.asarray(v).dtype.kind in "fV" else None)
+    return out
 
 
 def check_ids(model: Any, ids: np.ndarray) -> np.ndarray:

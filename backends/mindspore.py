@@ -460,8 +460,12 @@ class MindSporeBackend(BackendBase):
         a = np.asarray(a)
         if dtype is not None and a.dtype != to_numpy_dtype(dtype):
             a = a.astype(to_numpy_dtype(dtype))  # on the host: exact, and rounds to nearest even as `cast` does
-        # ms.Tensor may alias the buffer; weights read from a checkpoint are read-only memory maps
-        return ms.Tensor(np.array(a, copy=True, order="C"))
+        # MindSpore 2.10's ms.Tensor(ndarray) copies; Tensor.from_numpy aliases the array (and holds it).
+        # Alias what may be aliased, a writeable, aligned, C-contiguous array (a checkpoint's
+        # copy-on-write mapping, or the cast just made); copy the rest, since MindSpore would also
+        # alias a read-only buffer that a kernel must never write.
+        a = np.array(a, copy=not a.flags.writeable or not a.flags.c_contiguous or not a.flags.aligned)
+        return ms.Tensor.from_numpy(a)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         if not isinstance(x, ms.Tensor):

@@ -346,10 +346,14 @@ class TorchBackend(BackendBase):
 
     def asarray(self, a: Any, dtype: str | None = None) -> torch.Tensor:
         a = np.asarray(a)
+        # Alias a writeable C-contiguous array (a checkpoint's copy-on-write mapping is one: no copy, and
+        # `.to` below returns it as it is when device and dtype already match); copy anything else,
+        # since torch may write to what it is given and a read-only buffer must not be.
+        a = np.array(a, copy=not a.flags.writeable or not a.flags.c_contiguous or not a.flags.aligned)
         if a.dtype == ml_dtypes.bfloat16:  # torch.from_numpy knows no ml_dtypes: move the bits
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
-            t = torch.from_numpy(np.array(a, copy=not a.flags.writeable or not a.flags.c_contiguous))
+            t = torch.from_numpy(a)
         return t.to(device=self.torch_device, dtype=_DTYPES[dtype] if dtype else None)
 
     def to_numpy(self, x: Any) -> np.ndarray:

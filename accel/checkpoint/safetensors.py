@@ -8,18 +8,24 @@ trailing bytes (what the reference implementation requires), and no name appears
 MindSpore's `save_checkpoint(..., format="safetensors")` writes this same format through the
 safetensors library, with MindFormers' parameter names and `{"format": "ms"}` as metadata; it marks
 packed int4 tensors by naming them in the metadata (`name: "Int4"`), which no conversion here supports.
+
+`get` reads nothing: a tensor is a NumPy view of a copy-on-write (MAP_PRIVATE) mapping of just its own
+bytes, so loading a model costs file-backed page cache, not a copy, and a write to the array (a backend
+may alias it) lands in private pages, never in the user's file.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, entries_of, pieces, put, shape_of
+from accel.checkpoint.base import DTYPES, Entry, FileReader, TensorInfo, entries_of, pieces, put, shape_of, truncated
 from accel.errors import CheckpointError
 
 CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -78,6 +84,20 @@ class SafetensorsFile(FileReader):
             pos = end
         if pos != data_len:
             raise CheckpointError(f"{self.path}: {data_len - pos} bytes after the last tensor; the header is corrupt")
+
+    def get(self, name: str) -> np.ndarray:
+        info, [(offset, n)] = self.layout[name]
+        if n == 0 or offset % info.dtype.alignment:  # nothing to map, or a view torch would refuse
+            return super().get(name)
+        fd = self._fileno()
+        if os.fstat(fd).st_size < offset + n:  # a mapping past the end would fault (SIGBUS) when read
+            raise truncated(self.path)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        # One mapping per tensor: it is unmapped when the last view of it goes, so a loader that casts
+        # and drops each tensor in turn never holds the file's pages resident all at once.
+        window = mmap.mmap(fd, offset + n - start, offset=start, access=mmap.ACCESS_COPY)
+        return np.frombuffer(window, info.dtype, count=n // info.dtype.itemsize,
+                             offset=offset - start).reshape(info.shape)
 
     def _check_entry(self, name: str, e: object, data_len: int) -> tuple[TensorInfo, int, int]:
         where = f"{self.path}: tensor {name!r}"

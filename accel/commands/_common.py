@@ -46,7 +46,9 @@ def open_run(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], str]:
     dtype = args.dtype or backend.capabilities().dtypes[0]
     backend.check_dtype(dtype)
     model, params = load(args.model, seed=args.seed)
-    return model, backend, place(backend, params, dtype), dtype
+    # consumed as placed: the checkpoint's arrays (mappings of its file) and a cast copy of them are
+    # never both held whole
+    return model, backend, place(backend, params, dtype, consume=True), dtype
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
