@@ -270,6 +270,35 @@ def localise(taps: dict[str, np.ndarray], ref_taps: dict[str, np.ndarray], ops_o
     return first, [per_layer[i] for i in sorted(per_layer)]
 
 
+def isolate_layers(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray, dtype: str,
+                   ref_taps: dict[str, np.ndarray]) -> list[dict[str, float]]:
+    """Each layer run on the reference's own input to it (the previous layer's output, or the embedding):
+    the metrics of its output against the reference's, the error that layer makes by itself, whatever
+    flows in from before. Eager, on the backend's ops (a compiler would need a graph per layer)."""
+    from accel.models._layers import Taps
+    from accel.runtime import place
+
+    placed = place(backend, params, dtype)
+    x = backend.asarray(ids, "int64")
+    out = []
+    for i in range(model.num_layers):
+        source = "embed" if i == 0 else f"layers.{i - 1}.out"
+        taps = Taps({source: backend.asarray(ref_taps[source], dtype)})
+        model.forward(backend.ops, placed, x, taps=taps)
+        got = np.asarray(backend.to_numpy(taps[f"layers.{i}.out"]), dtype=np.float64)
+        out.append(compare(got, ref_taps[f"layers.{i}.out"], dtype))
+    return out
+
+
+def first_local_layer(local: list[dict[str, float]], dtype: str,
+                      device_local: list[dict[str, float]] | None = None) -> int | None:
+    """The first layer whose own error (see `isolate_layers`) is out of tolerance."""
+    for i, m in enumerate(local):
+        if judge("taps", dtype, m, device_local[i] if device_local is not None else None):
+            return i
+    return None
+
+
 def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | None = None) -> Row:
     ctx = ctx or Context()
     if (skipped := _skip(backend, "inference", preset, dtype)) is not None:
@@ -297,6 +326,20 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
               series={"layer_max_abs": per_layer})
     if problem:
         row.first_divergence = first
+        # The first tap out of tolerance may only be where error made earlier grows past it: each layer
+        # on the reference's input names the layer that makes the error.
+        local = isolate_layers(backend, model, params, ids, dtype, ref_taps)
+        device_local = (isolate_layers(ctx.reference_device(), model, params, ids, dtype, ref_taps)
+                        if device_taps is not None else None)
+        row.series["layer_local_max_abs"] = [m["max_abs"] for m in local]
+        culprit = first_local_layer(local, dtype, device_local)
+        if row.first_divergence is None and culprit is not None:
+            row.first_divergence = {"tap": f"layers.{culprit}.out", "op": "layer", "layer": culprit,
+                                    "detail": "out of tolerance on its own input"}
+        if row.first_divergence is not None:
+            row.first_divergence["first_local_layer"] = culprit
+        row.detail += (f"; layer {culprit} is the first out of tolerance on its own input" if culprit is not None
+                       else "; every layer is within tolerance on its own input")
     return row
 
 

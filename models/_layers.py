@@ -41,18 +41,22 @@ class KVCache:
 
 class Taps(dict):
     """Named intermediate outputs collected by a forward (`layers.3.attn`), with the op that produced
-    each in `ops`, so a divergence can be traced to the first op that departs from the reference."""
+    each in `ops`, so a divergence can be traced to the first op that departs from the reference.
+    `inject`: values the forward takes in place of what it computed at those taps (a layer run on the
+    reference's own input to it, to measure that layer's error alone)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inject: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.ops: dict[str, str] = {}
+        self.inject: dict[str, Any] = inject or {}
 
 
 def tap(taps: dict | None, name: str, op: str, x: Any) -> Any:
     if taps is not None:
-        taps[name] = x
         if isinstance(taps, Taps):
+            x = taps.inject.get(name, x)
             taps.ops[name] = op
+        taps[name] = x
     return x
 
 

@@ -286,7 +286,7 @@ def test_golden_record_round_trip(fault_env, tmp_path):
     # a target with a dropped attention scale fails against it
     r = accel("conformance", "--golden", str(golden), "--targets", "unscaled:cpu", "--cases", "inference",
               "--report-dir", str(tmp_path / "r3"), env=fault_env)
-    assert r.returncode == 1
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((tmp_path / "r3" / "latest" / "report.json").read_text())["rows"]
     assert {x["status"] for x in rows} == {"fail"}
     # a golden record is never overwritten

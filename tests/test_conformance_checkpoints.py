@@ -56,7 +56,8 @@ def test_golden_record_from_a_directory_compares_elsewhere_and_refuses_other_wei
     # the record keeps the weights' digests (those of the bytes as stored), never the weights themselves
     assert manifest["checkpoints"]["team-qwen2"] == {
         n: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for n, a in weights.items()}
-    assert (record / "arrays.safetensors").stat().st_size < (directory / "model.safetensors").stat().st_size / 4
+    stored = load_file(str(record / "arrays.safetensors"))
+    assert "models/team-qwen2|input|input_ids" in stored and not any("|input|param." in k for k in stored)
 
     r = run_cli("conformance", "--models", str(directory), "--targets", "mindspore:cpu", "--golden", str(record),
                 "--report-dir", str(tmp_path / "r"))
@@ -219,3 +220,41 @@ def test_a_flip_with_a_wide_margin_fails_naming_position_tokens_and_margin(tied_
     assert row.detail.startswith(f"position 1: token {other} instead of token "), row.detail
     assert f"near-tie at position 0: token {other} for token {lo}" in row.detail
     assert row.metrics["kl_max"] > 1.0
+
+
+def test_layer_isolation_names_the_layer_that_makes_the_error(tmp_path, monkeypatch):
+    """A wrong RMSNorm eps in layer 2 of 4: every later layer's propagated error is out of tolerance,
+    but on the reference's own input only layer 2 is, and the report says so."""
+    from safetensors.torch import load_file, save_file
+
+    from accel.backends import torch_eager as te
+    from accel.conformance import cases
+    from accel.targets import open_target
+
+    directory = save_hf_qwen2(tmp_path / "deep-qwen2", num_hidden_layers=4)
+    weights = load_file(directory / "model.safetensors")
+    marked = "model.layers.2.input_layernorm.weight"
+    weights[marked][0] = 1.2345  # marks the one norm the planted fault acts on
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setitem(cases.CHECKPOINTS, "deep-qwen2", str(directory))
+    cases.model_inputs.cache_clear()
+
+    backend = open_target("torch:cpu", policy={})
+
+    def rms_norm(x, w, eps):
+        wrong = abs(float(w.reshape(-1)[0]) - 1.2345) < 1e-6
+        return te.rms_norm(x, w, eps * 1e4 if wrong else eps)
+
+    backend.ops.__dict__["rms_norm"] = rms_norm
+    backend.name = "faulty"
+    try:
+        assert cases.run_inference_case(open_target("torch:cpu", policy={}), "deep-qwen2", "float32").status == "pass"
+        row = cases.run_inference_case(backend, "deep-qwen2", "float32")
+    finally:
+        cases.model_inputs.cache_clear()
+    assert row.status == "fail"
+    assert row.first_divergence["first_local_layer"] == 2, row.first_divergence
+    assert "layer 2 is the first out of tolerance on its own input" in row.detail
+    local, propagated = row.series["layer_local_max_abs"], row.series["layer_max_abs"]
+    assert local[3] < propagated[3] / 100  # layer 3 is right: its error flows in from layer 2
+    assert max(local[:2]) < local[2] / 100
