@@ -3,34 +3,48 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
-from accel.commands._common import add_model, add_target, atomic_write, open_run, parse_ids
+from accel.commands._common import add_model, add_target, atomic_write, open_run
+from accel.data.prompts import add_prompt_options, prompts_from_args
+from accel.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("infer", help="prefill logits of token ids, saved as .npy",
-                       description="Run one forward pass and save the logits, float32 of shape [1, S, vocab].")
+    p = sub.add_parser("infer", help="prefill logits of token ids or prompt text, saved as .npy",
+                       description="Run one forward pass and save the logits, float32 of shape [1, S, vocab]. "
+                                   "The input is --input-ids, or text through the checkpoint's tokenizer "
+                                   "(--prompt, --prompts). With several prompts --out must be an existing "
+                                   "directory: prompt i's logits go to OUT/prompt-i.npy (i from 1).")
     add_model(p)
     add_target(p)
-    p.add_argument("--input-ids", required=True, metavar="IDS", help="comma-separated token ids, e.g. 5,17,33")
-    p.add_argument("--out", required=True, metavar="LOGITS.npy", help="where to write the logits")
+    add_prompt_options(p, "comma-separated token ids, e.g. 5,17,33")
+    p.add_argument("--out", required=True, metavar="LOGITS.npy|DIR",
+                   help="where to write the logits: a file, or an existing directory (prompt-1.npy, ...)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from accel.runtime import check_ids, infer
 
-    ids = parse_ids(args.input_ids)
+    _, inputs = prompts_from_args(args)
+    out = Path(args.out)
+    to_dir = out.is_dir() and args.input_ids is None
+    if len(inputs) > 1 and not to_dir:
+        raise UsageError(f"{len(inputs)} prompts need --out to be an existing directory (one .npy per prompt); "
+                         f"{out} is not one")
     model, backend, params, dtype = open_run(args)
-    logits = infer(model, backend, params, check_ids(model, ids))
+    for n, ids in enumerate(inputs, 1):
+        logits = infer(model, backend, params, check_ids(model, ids))
+        path = out / f"prompt-{n}.npy" if to_dir else out
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, logits)
+        def write(tmp, logits=logits):
+            with open(tmp, "wb") as f:
+                np.save(f, logits)
 
-    atomic_write(args.out, write)
-    print(f"{model.name} on {backend.target} ({dtype}): logits {list(logits.shape)} -> {args.out}; "
-          f"last-position argmax {int(logits[0, -1].argmax())}")
+        atomic_write(path, write)
+        print(f"{model.name} on {backend.target} ({dtype}): logits {list(logits.shape)} -> {path}; "
+              f"last-position argmax {int(logits[0, -1].argmax())}")
     return 0
