@@ -106,3 +106,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_compares_a_checkpoint_directory(tmp_path):
+    from tests.conftest import save_hf_qwen2
+
+    directory = save_hf_qwen2(tmp_path / "team-qwen2")
+    r = run_cli("compare", "--model", str(directory), "--targets", "torch:cpu,mindspore:cpu", "--prompt-len", "9",
+                "--new-tokens", "4", "--report-dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (report,) = (tmp_path / "out").glob("compare-*")
+    doc = json.loads((report / "report.json").read_text())
+    assert doc["model"] == "team-qwen2"
+    for row in doc["results"]:
+        assert row["status"] == "ok" and row["max_abs"] < 1e-4 and row["token_agreement"] == 1.0
