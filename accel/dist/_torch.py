@@ -27,7 +27,7 @@ class TorchCollectives(Collectives):
     engine = "torch"
 
     def __init__(self, group: Any, backends: Mapping[str, str], device: str, timeout: float,
-                 local_rank: int = 0):
+                 local_rank: int = 0, owned: bool = False):
         import torch.distributed as dist
 
         self._dist = dist
@@ -42,6 +42,7 @@ class TorchCollectives(Collectives):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.local_rank = local_rank
+        self.owned = owned  # accel.dist opened the process group, so it may close it
         ops = dist.ReduceOp
         self._reduce_ops = {"sum": ops.SUM, "max": ops.MAX, "min": ops.MIN}
 
@@ -62,14 +63,27 @@ class TorchCollectives(Collectives):
         except RuntimeError as e:
             raise self._failure(what, e) from None
         if done is False:
+            self._close()
             raise self._timed_out(what)
 
     def _failure(self, what: str, e: BaseException) -> CollectiveError:
+        self._close()
         text = _message(e)
         if "timed out" in text.lower() or "timeout" in text.lower():
             return self._timed_out(what)
         return CollectiveError(f"{what} failed on rank {self.rank} of {self.world_size}: {text}; a peer rank "
                                "may have died (see its log)")
+
+    def _close(self) -> None:
+        """After a failed collective the process group cannot be used again; left open, gloo's threads
+        still waiting on the lost peer abort the process as it exits (SIGABRT, "terminate called
+        without an active exception") in about one run in four, instead of the exit code the caller
+        chose. A group this module opened is closed here, so the rank ends the way its script says."""
+        if self.owned and self._dist.is_initialized():
+            try:
+                self._dist.destroy_process_group()
+            except (RuntimeError, ValueError):
+                pass
 
     def _reduce(self, op: str, x: Any) -> tuple[Any, bool]:
         """(torch ReduceOp, whether avg still needs the division)."""
@@ -146,6 +160,7 @@ class TorchCollectives(Collectives):
             try:  # names the ranks that did not arrive
                 self._dist.monitored_barrier(group=self.group, timeout=self._delta, wait_all_ranks=True)
             except RuntimeError as e:
+                self._close()
                 raise CollectiveTimeout(f"barrier on rank {self.rank} of {self.world_size}: {_message(e)}") from None
             return
         import torch
@@ -171,7 +186,7 @@ class TorchCollectives(Collectives):
             pg = self._dist.new_group(list(ranks), timeout=self._delta)
             if self.rank in ranks:
                 mine = pg
-        return TorchCollectives(mine, self.backends, self.device, self.timeout, self.local_rank)
+        return TorchCollectives(mine, self.backends, self.device, self.timeout, self.local_rank, self.owned)
 
 
 
@@ -212,7 +227,7 @@ def _init_torch(info: LaunchInfo, backend: str | None, timeout: float) -> TorchC
                                 rank=info.rank, world_size=info.world_size)
     except (RuntimeError, ValueError) as e:
         raise _init_failure(info, timeout, e) from None
-    return TorchCollectives(None, here, device, timeout, info.local_rank)
+    return TorchCollectives(None, here, device, timeout, info.local_rank, owned=True)
 
 
 def _init_failure(info: LaunchInfo, timeout: float, e: BaseException) -> CollectiveError:
