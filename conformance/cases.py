@@ -200,16 +200,29 @@ def model_inputs(name: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
     return model, params, ids
 
 
-def _golden_model_inputs(ctx: Context, name: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
-    """The model's inputs, from the golden record when comparing against one. A checkpoint's weights are
-    never copied into a record (only their digests, checked before the run): they come from its directory."""
+# Each checkpoint directory's prompts as token ids, encoded by the runner through the directory's own
+# tokenizer; a directory not here runs on seeded random ids, as a preset does.
+PROMPTS: dict[str, list[list[int]]] = {}
+
+
+def _golden_model_inputs(ctx: Context, name: str) -> tuple[Any, dict[str, np.ndarray], list[np.ndarray]]:
+    """The model, its weights and its inputs: [the batch of seeded ids], or each of a directory's prompts
+    (1, S); from the golden record when comparing against one. A checkpoint's weights are never copied
+    into a record (only their digests, checked before the run): they come from its directory."""
     model, params, ids = model_inputs(name)
     if ctx.golden is None:
-        return model, params, ids
+        return model, params, [np.asarray([p], np.int64) for p in PROMPTS[name]] if name in PROMPTS else [ids]
     stored = ctx.golden.inputs(f"models/{name}")
     if name not in CHECKPOINTS:
         params = {k: stored[f"param.{k}"] for k in params}
-    return model, params, stored["input_ids"]
+    if "input_ids" in stored:
+        return model, params, [stored["input_ids"]]
+    return model, params, [stored[f"input_ids.{i}"] for i in range(sum(k.startswith("input_ids.") for k in stored))]
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array of the outputs of several inputs (as it is, for one)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate([a.ravel() for a in arrays])
 
 
 @lru_cache(maxsize=1)
@@ -300,37 +313,47 @@ def first_local_layer(local: list[dict[str, float]], dtype: str,
 
 
 def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | None = None) -> Row:
+    """Prefill logits of each input against the reference's; a failure is localised on the first input
+    whose own logits are out of tolerance (or, failing that, the one with the largest error)."""
     ctx = ctx or Context()
     if (skipped := _skip(backend, "inference", preset, dtype)) is not None:
         return skipped
-    model, params, ids = _golden_model_inputs(ctx, preset)
+    model, params, inputs = _golden_model_inputs(ctx, preset)
     case_id = f"inference/{preset}/{dtype}"
-    ref_logits, ref_taps, ops_of = _reference_run(model, params, ids, preset)
-    logits, taps, _ = forward_with_taps(backend, model, params, ids, dtype)
-    expected = ctx.golden.expected(case_id) if ctx.golden is not None else ref_logits
-    m = compare(logits, expected, dtype)
-    device_taps = ref_m = None
+    device = (ctx.reference_device() if ctx.golden is None and needs_reference_device("inference", dtype)
+              and backend.target != REFERENCE_DEVICE else None)
+    refs = [_reference_run(model, params, x, preset) for x in inputs]
+    runs = [forward_with_taps(backend, model, params, x, dtype) for x in inputs]
+    devs = [forward_with_taps(device, model, params, x, dtype) for x in inputs] if device is not None else None
+    logits = _joined([r[0] for r in runs])
+    expected = ctx.golden.expected(case_id) if ctx.golden is not None else _joined([r[0] for r in refs])
+    m = compare(logits, expected, dtype) | {"prompts": float(len(inputs))}
+    ref_m = None
     if ctx.golden is not None:
         ref_m = ctx.golden.metrics(case_id)
         m |= {f"vs_golden_{k}": v for k, v in compare(logits, ctx.golden.actual(case_id), dtype).items()
               if k in ("cosine", "max_abs")}
-    elif needs_reference_device("inference", dtype) and backend.target != REFERENCE_DEVICE:
-        dev_logits, device_taps, _ = forward_with_taps(ctx.reference_device(), model, params, ids, dtype)
-        ref_m = compare(dev_logits, expected, dtype)
+    elif devs is not None:
+        ref_m = compare(_joined([d[0] for d in devs]), expected, dtype)
     if ctx.recorder is not None:
-        ctx.recorder.add_model(preset, params, ids)
+        ctx.recorder.add_model(preset, params, inputs)
         ctx.recorder.add(case_id, {}, expected, logits, compare(logits, expected, dtype))
     problem = judge("inference", dtype, m, ref_m)
-    first, per_layer = localise(taps, ref_taps, ops_of, dtype, device_taps)
+    located = [localise(run[1], ref[1], ref[2], dtype, devs[k][1] if devs is not None else None)
+               for k, (run, ref) in enumerate(zip(runs, refs))]
+    per_layer = np.max([layers for _, layers in located], axis=0).tolist() if located[0][1] else []
     row = Row(backend.target, "inference", preset, dtype, "fail" if problem else "pass", m, detail=problem or "",
               series={"layer_max_abs": per_layer})
     if problem:
-        row.first_divergence = first
+        own = [compare(run[0], ref[0], dtype) for run, ref in zip(runs, refs)]
+        k = next((k for k, mk in enumerate(own) if judge("inference", dtype, mk, None)),
+                 int(np.argmax([mk["max_abs"] for mk in own])))
+        row.first_divergence = located[k][0]
         # The first tap out of tolerance may only be where error made earlier grows past it: each layer
         # on the reference's input names the layer that makes the error.
-        local = isolate_layers(backend, model, params, ids, dtype, ref_taps)
-        device_local = (isolate_layers(ctx.reference_device(), model, params, ids, dtype, ref_taps)
-                        if device_taps is not None else None)
+        local = isolate_layers(backend, model, params, inputs[k], dtype, refs[k][1])
+        device_local = (isolate_layers(device, model, params, inputs[k], dtype, refs[k][1])
+                        if device is not None else None)
         row.series["layer_local_max_abs"] = [m["max_abs"] for m in local]
         culprit = first_local_layer(local, dtype, device_local)
         if row.first_divergence is None and culprit is not None:
@@ -338,8 +361,12 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
                                     "detail": "out of tolerance on its own input"}
         if row.first_divergence is not None:
             row.first_divergence["first_local_layer"] = culprit
+            if len(inputs) > 1:
+                row.first_divergence["prompt"] = k + 1
         row.detail += (f"; layer {culprit} is the first out of tolerance on its own input" if culprit is not None
                        else "; every layer is within tolerance on its own input")
+        if len(inputs) > 1:
+            row.detail += f" (prompt {k + 1} of {len(inputs)})"
     return row
 
 
@@ -395,28 +422,36 @@ def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | No
         return skipped
     if dtype in LOW_PRECISION:  # greedy ties at low precision are no verdict on a target
         return Row(backend.target, "generation", preset, dtype, "skipped", detail="generation is judged at float32")
-    model, params, ids = _golden_model_inputs(ctx, preset)
+    model, params, inputs = _golden_model_inputs(ctx, preset)
     case_id = f"generation/{preset}/{dtype}"
-    prompt = ids[:1]
-    device_steps = None
-    if ctx.golden is not None:
-        expected = ctx.golden.expected(case_id).astype(np.int64)
-        recorded = ctx.golden.inputs(case_id)
-        ref_steps = recorded["step_logits"]
-        device_steps = recorded.get("device_step_logits")  # the recording device's own logits
-    else:
-        ref, steps = _numpy(), []
-        expected = generate(model, ref, place(ref, params, "float64"), prompt, new_tokens, use_cache=False,
-                            step_logits=steps)[0]
-        ref_steps = np.concatenate(steps)  # (new_tokens, vocab)
-    got_steps = _teacher_forced(backend, model, params, prompt, expected, dtype)
-    if device_steps is None:
-        device_steps = (got_steps if backend.target == REFERENCE_DEVICE else
-                        _teacher_forced(ctx.reference_device(), model, params, prompt, expected, dtype))
+    prompts = [x[:1] for x in inputs]
+    n = new_tokens
+    recorded = ctx.golden.inputs(case_id) if ctx.golden is not None else {}
+    expected_parts, ref_parts, got_parts, device_parts = [], [], [], []
+    for k, prompt in enumerate(prompts):
+        if ctx.golden is not None:
+            expected_k = ctx.golden.expected(case_id).astype(np.int64)[k * n:(k + 1) * n]
+            ref_k = recorded["step_logits"][k * n:(k + 1) * n]
+            device_k = recorded["device_step_logits"][k * n:(k + 1) * n] if "device_step_logits" in recorded else None
+        else:
+            ref, steps = _numpy(), []
+            expected_k = generate(model, ref, place(ref, params, "float64"), prompt, n, use_cache=False,
+                                  step_logits=steps)[0]
+            ref_k, device_k = np.concatenate(steps), None  # (new_tokens, vocab)
+        got_k = _teacher_forced(backend, model, params, prompt, expected_k, dtype)
+        if device_k is None:
+            device_k = (got_k if backend.target == REFERENCE_DEVICE else
+                        _teacher_forced(ctx.reference_device(), model, params, prompt, expected_k, dtype))
+        expected_parts.append(expected_k)
+        ref_parts.append(ref_k)
+        got_parts.append(got_k)
+        device_parts.append(device_k)
+    expected, ref_steps = np.concatenate(expected_parts), np.concatenate(ref_parts)
+    got_steps, device_steps = np.concatenate(got_parts), np.concatenate(device_parts)
     noise = np.abs(device_steps - ref_steps).max(axis=-1)
     chosen = np.argmax(got_steps, axis=-1)
     if ctx.recorder is not None:
-        ctx.recorder.add_model(preset, params, ids)
+        ctx.recorder.add_model(preset, params, inputs)
         ctx.recorder.add(case_id, {"step_logits": ref_steps, "device_step_logits": got_steps}, expected, chosen, {})
     flips = classify_flips(chosen, ref_steps, noise)
     wide = [f for f in flips if not f["near_tie"]]
@@ -425,24 +460,32 @@ def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | No
                      if judge("inference", dtype, compare(got_steps[i], ref_steps[i], dtype))), None)
     m = compare(got_steps, ref_steps, dtype) | {
         "token_agreement": float(np.mean(chosen == expected)), "new_tokens": float(len(expected)),
-        "kl_max": float(kl.max()), "near_ties": float(len(flips) - len(wide))}
+        "kl_max": float(kl.max()), "near_ties": float(len(flips) - len(wide)), "prompts": float(len(prompts))}
     row = Row(backend.target, "generation", preset, dtype, "fail" if wide or bad_step is not None else "pass", m,
               series={"kl": kl.tolist(), "top1_agrees": (chosen == expected).astype(float).tolist(),
                       "step_max_abs": np.abs(got_steps - ref_steps).max(axis=-1).tolist()})
     token = _token_text(preset)
-    notes = [f"near-tie at position {f['position']}: {token(f['chosen'])} for {token(f['reference'])} "
+
+    def at(position: int) -> str:  # a position along the concatenated steps, as the user reads it
+        return f"position {position}" if len(prompts) == 1 else f"prompt {position // n + 1} position {position % n}"
+
+    notes = [f"near-tie at {at(f['position'])}: {token(f['chosen'])} for {token(f['reference'])} "
              f"(margin {f['margin']:.2e} < 2 x device noise {f['noise']:.2e})" for f in flips if f["near_tie"]]
     if wide:
         f = wide[0]
-        notes.insert(0, f"position {f['position']}: {token(f['chosen'])} instead of {token(f['reference'])}, "
+        notes.insert(0, f"{at(f['position'])}: {token(f['chosen'])} instead of {token(f['reference'])}, "
                         f"reference margin {f['margin']:.3g} (device noise {f['noise']:.2e})")
     elif bad_step is not None:
-        notes.insert(0, f"logits of step {bad_step} out of tolerance: "
+        notes.insert(0, f"logits of step {bad_step % n}{'' if len(prompts) == 1 else f' of prompt {bad_step // n + 1}'}"
+                        f" out of tolerance: "
                         f"{judge('inference', dtype, compare(got_steps[bad_step], ref_steps[bad_step], dtype))}")
     row.detail = "; ".join(notes)
     if row.status == "fail":
-        step = wide[0]["position"] if wide else int(bad_step or 0)
-        row.first_divergence = _localise_decode(backend, model, params, prompt, expected, step, dtype)
+        where = wide[0]["position"] if wide else int(bad_step or 0)
+        k, step = divmod(where, n)
+        row.first_divergence = _localise_decode(backend, model, params, prompts[k], expected_parts[k], step, dtype)
+        if row.first_divergence is not None and len(prompts) > 1:
+            row.first_divergence["prompt"] = k + 1
     return row
 
 

@@ -47,16 +47,18 @@ class Recorder:
         self.arrays[f"{case_id}|actual"] = _storable(actual)
         self.cases[case_id] = {"metrics": metrics, "inputs": sorted(inputs)}
 
-    def add_model(self, name: str, params: dict[str, np.ndarray], ids: np.ndarray) -> None:
+    def add_model(self, name: str, params: dict[str, np.ndarray], inputs: list[np.ndarray]) -> None:
         """A model's inputs: a preset's weights with its token ids; of a checkpoint directory, the ids
-        only (its identity goes into the manifest, its weights stay where they are)."""
+        only (its identity goes into the manifest, its weights stay where they are). One batch of ids is
+        `input_ids`, several prompts `input_ids.0`, `input_ids.1`, ..."""
         from accel.conformance.cases import CHECKPOINTS
 
         if name in self.models:
             return
         self.models.add(name)
         weights = {} if name in CHECKPOINTS else {f"param.{k}": v for k, v in params.items()}
-        self.add(f"models/{name}", {"input_ids": ids, **weights}, np.zeros(0), np.zeros(0), {})
+        ids = {"input_ids": inputs[0]} if len(inputs) == 1 else {f"input_ids.{i}": x for i, x in enumerate(inputs)}
+        self.add(f"models/{name}", {**ids, **weights}, np.zeros(0), np.zeros(0), {})
 
     def flush(self) -> None:
         if not self.cases:

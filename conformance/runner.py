@@ -68,6 +68,49 @@ def resolve_models(specs: Iterable[str]) -> tuple[list[str], dict[str, str]]:
     return names, directories
 
 
+def checkpoint_prompts(checkpoints: dict[str, str], given: list | None, generation: bool
+                       ) -> tuple[dict[str, list[list[int]]], list[str]]:
+    """Each checkpoint directory's prompts as token ids through its own tokenizer, and notes for the user.
+    The prompts given (accel.data.prompts.Prompt) must all fit the model's context, with the generated
+    tokens after them when `generation`; by default a directory takes the built-in set, a prompt longer
+    than that cut to fit (said in a note: they are probes, and the long one is meant to reach the end
+    of the context). A directory without tokenizer files runs on seeded random ids, as a preset does
+    (said in a note), unless prompts were given: then it is an error."""
+    from accel.conformance.cases import GENERATED
+    from accel.data import prompts as P
+    from accel.data.tokenizer import has_tokenizer, load_tokenizer
+    from accel.models import config_from_pretrained
+
+    out: dict[str, list[list[int]]] = {}
+    notes: list[str] = []
+    for name, directory in checkpoints.items():
+        if given is None and not has_tokenizer(directory):
+            notes.append(f"{name} has no tokenizer files: its cases run on seeded random token ids")
+            continue
+        tokenizer = load_tokenizer(directory)  # missing (prompts given) or corrupt: a one-line error
+        limit, model = P.context_length(directory), config_from_pretrained(directory)
+        if generation and getattr(model, "use_dynamic_ntk", False):
+            # Qwen v1 past its training length: the cached generation keeps the prefill's NTK base, which
+            # full recomputation does not, as in the original; a generation case stays within seq_length.
+            limit = min(limit or model.seq_length, model.seq_length)
+        room = GENERATED if generation else 0
+        if given is not None:
+            out[name] = P.encode_prompts(directory, tokenizer, given, limit, room)
+            continue
+        ids = [i for i in (P.encode_prompt(tokenizer, p) for p in P.BUILTIN_PROMPTS) if i]
+        room_left = None if limit is None else limit - room
+        if room_left is not None and room_left < 1:
+            notes.append(f"{name}: its context of {limit} tokens leaves no room for a prompt and {room} generated "
+                         "tokens, so its cases run on seeded random token ids")
+            continue
+        cut = sum(room_left is not None and len(i) > room_left for i in ids)
+        if cut:  # probes, not the user's text: the long one is meant to reach the context's end
+            notes.append(f"{name}: {cut} of the {len(ids)} built-in prompts are cut to {room_left} tokens, its "
+                         f"context of {limit}{f' less {room} generated' if room else ''}")
+        out[name] = [i[:room_left] for i in ids]
+    return out, notes
+
+
 def stored_dtype(directory: str) -> str:
     """The dtype a checkpoint directory's floating-point weights are stored in (the most common one)."""
     from collections import Counter
@@ -141,6 +184,7 @@ class Options:
     nproc: int = 2
     jobs: int = 1  # targets run at once
     checkpoints: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint directory
+    prompts: dict[str, list[list[int]]] = field(default_factory=dict)  # model name -> its prompts' ids
 
 
 def _signal_name(code: int) -> str:
@@ -175,7 +219,7 @@ def _run_worker(target: str, jobs: list[Job], pending: list[int], options: Optio
     """One worker over the pending jobs. Returns False when it started no case at all."""
     spec = {"target": target, "jobs": [jobs[i] for i in pending], "golden": options.golden,
             "record": options.record, "policy": options.policy, "nproc": options.nproc,
-            "checkpoints": options.checkpoints}
+            "checkpoints": options.checkpoints, "prompts": options.prompts}
     proc = subprocess.Popen([sys.executable, "-m", "accel.conformance.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     assert proc.stdin is not None and proc.stdout is not None

@@ -29,13 +29,14 @@ def main() -> int:
     os.dup2(2, 1)  # framework chatter on stdout must not interleave with the protocol
     spec = json.loads(sys.stdin.read())
 
-    from accel.conformance.cases import CHECKPOINTS, Context, Row, case_runners, op_case
+    from accel.conformance.cases import CHECKPOINTS, PROMPTS, Context, Row, case_runners, op_case
     from accel.conformance.golden import GoldenRecord, Recorder
     from accel.errors import AccelError
     from accel.targets import open_target
 
     target, jobs = spec["target"], spec["jobs"]
     CHECKPOINTS.update(spec.get("checkpoints") or {})
+    PROMPTS.update(spec.get("prompts") or {})
     try:
         backend = open_target(target, policy=spec.get("policy"))
         ctx = Context(golden=GoldenRecord(spec["golden"]) if spec.get("golden") else None,

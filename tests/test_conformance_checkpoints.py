@@ -258,3 +258,119 @@ def test_layer_isolation_names_the_layer_that_makes_the_error(tmp_path, monkeypa
     local, propagated = row.series["layer_local_max_abs"], row.series["layer_max_abs"]
     assert local[3] < propagated[3] / 100  # layer 3 is right: its error flows in from layer 2
     assert max(local[:2]) < local[2] / 100
+
+
+# --- text prompts through the checkpoint's own tokenizer ---------------------------------------------
+
+
+def test_directories_run_on_the_builtin_prompts_through_their_own_tokenizers(tmp_path):
+    from tests.tokenizer_fixtures import checkpoint
+
+    dirs = [checkpoint(tmp_path / f"team-{f}", f) for f in ("qwen2", "qwen", "chatglm", "baichuan")]
+    r = run_cli("conformance", "--models", ",".join(map(str, dirs)), "--cases", "inference,generation",
+                "--dtypes", "float32", "--targets", "torch:cpu,mindspore:cpu", "--report-dir", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _rows(tmp_path / "r")
+    assert len(rows) == 16 and all(row["status"] == "pass" for row in rows)
+    assert {row["metrics"]["prompts"] for row in rows} == {6.0}
+    # Qwen v1's generation stays within seq_length 16 (dynamic NTK): the built-in prompts are cut to 8 tokens
+    assert "team-qwen: 6 of the 6 built-in prompts are cut to 8 tokens, its context of 16 less 8 generated" in r.stdout
+
+
+def test_builtin_prompts_are_encoded_as_transformers_does_and_replay_from_a_golden_record(tmp_path):
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    from accel.data.prompts import BUILTIN_PROMPTS
+    from tests.tokenizer_fixtures import checkpoint
+
+    directory = checkpoint(tmp_path / "team-qwen2", "qwen2")  # context: max_position_embeddings 128
+    record = tmp_path / "golden"
+    r = run_cli("conformance", "--models", str(directory), "--cases", "inference,generation", "--dtypes", "float32",
+                "--targets", "torch:cpu", "--write-golden", str(record), "--report-dir", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ref = AutoTokenizer.from_pretrained(directory)
+    want = [ref.encode(p.text, add_special_tokens=False) if p.text else
+            list(ref.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)) for p in BUILTIN_PROMPTS]
+    want = [ids[:128 - 8] for ids in want]  # the long probe is cut to the context, less the generated tokens
+    assert any(len(ids) == 120 for ids in want)
+    stored = load_file(str(record / "arrays.safetensors"))
+    assert [stored[f"models/team-qwen2|input|input_ids.{i}"].ravel().tolist() for i in range(len(want))] == want
+    r = run_cli("conformance", "--models", str(directory), "--golden", str(record), "--targets", "mindspore:cpu",
+                "--report-dir", str(tmp_path / "r2"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = _rows(tmp_path / "r2")
+    assert {(row["case"], row["status"], row["metrics"]["prompts"]) for row in rows} == {
+        ("inference", "pass", 6.0), ("generation", "pass", 6.0)}
+
+
+def test_a_prompts_file_in_conformance_and_bad_prompt_input_are_one_line_errors(tmp_path, capsys):
+    from accel.cli import main
+    from tests.tokenizer_fixtures import checkpoint
+
+    def cli(*args):
+        code = main(["conformance", *args, "--report-dir", str(tmp_path / "r"), "--targets", "torch:cpu"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def one_line_error(result, needle):
+        code, _, err = result
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err)
+
+    directory = checkpoint(tmp_path / "team-chatglm", "chatglm", seq_length=32)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "你好"}\n{"messages": [{"role": "user", "content": "Hello"}]}\n')
+    code, out, err = cli("--models", str(directory), "--prompts", str(prompts), "--cases", "inference,generation",
+                         "--dtypes", "float32")
+    assert code == 0, out + err
+    assert {(row["status"], row["metrics"]["prompts"]) for row in _rows(tmp_path / "r")} == {("pass", 2.0)}
+
+    one_line_error(cli("--models", "qwen2-tiny", "--prompt", "hi"), "need a checkpoint directory in --models")
+    one_line_error(cli("--models", str(directory), "--prompt", "The quick brown fox jumps. " * 3),
+                   "and the 8 tokens generated after it pass the model's context is 32")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    one_line_error(cli("--models", str(directory), "--prompts", str(empty)), "holds no prompts")
+    one_line_error(cli("--models", str(directory), "--golden", str(tmp_path), "--prompt", "hi"),
+                   "a golden record replays its own prompts")
+    (directory / "tokenizer.model").write_bytes(b"\x00 not a model")
+    one_line_error(cli("--models", str(directory), "--cases", "inference"), "not a valid SentencePiece model")
+    (directory / "tokenizer.model").unlink()
+    one_line_error(cli("--models", str(directory), "--prompt", "hi"), "holds no tokenizer")
+    code, out, _ = cli("--models", str(directory), "--cases", "inference", "--dtypes", "float32")
+    assert code == 0 and "team-chatglm has no tokenizer files: its cases run on seeded random token ids" in out
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    code, _, err = cli("--models", str(directory))
+    assert code == 2 and "llama" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_wide_flip_names_both_tokens_as_the_tokenizer_decodes_them(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from accel.conformance import cases
+    from accel.data import prompts as P
+    from accel.data.tokenizer import load_tokenizer
+    from tests.tokenizer_fixtures import MODEL_VOCAB, checkpoint
+
+    directory = checkpoint(tmp_path / "team-qwen2", "qwen2")
+    tok = load_tokenizer(directory)
+    ids = P.encode_prompts(directory, tok, [P.Prompt(text="The capital of France is"),
+                                            P.Prompt(messages=({"role": "user", "content": "你好"},))])
+    monkeypatch.setitem(cases.CHECKPOINTS, "team-qwen2", str(directory))
+    monkeypatch.setitem(cases.PROMPTS, "team-qwen2", ids)
+    cases.model_inputs.cache_clear()
+    ref = AutoTokenizer.from_pretrained(directory)
+    boosted = ref.convert_tokens_to_ids(ref.tokenize(" Paris"))[0]
+    try:
+        row = cases.run_generation_case(_lm_head_fault(MODEL_VOCAB, boosted, 50.0), "team-qwen2", "float32")
+    finally:
+        cases.model_inputs.cache_clear()
+    assert row.status == "fail" and row.metrics["prompts"] == 2 and row.metrics["token_agreement"] < 0.5
+    reference = int(row.detail.split(" instead of token ")[1].split()[0])
+    assert reference != boosted
+    assert row.detail.startswith(f"prompt 1 position 0: token {boosted} {ref.decode([boosted])!r} instead of "
+                                 f"token {reference} {ref.decode([reference])!r}, reference margin "), row.detail
+    assert row.first_divergence is not None and row.first_divergence["prompt"] == 1

@@ -14,31 +14,14 @@ from accel.cli import main
 from accel.data import prompts as P
 from accel.data.tokenizer import load_tokenizer, render_chat
 from accel.errors import UsageError
-from tests import hf_fixtures as hf
-from tests.conftest import run_cli, save_hf_qwen2
-from tests.tokenizer_fixtures import MODEL_VOCAB, QWEN2_CHAT_TEMPLATE, learn_byte_bpe, write_tokenizer
+from tests.conftest import run_cli
+from tests.tokenizer_fixtures import MODEL_VOCAB, QWEN2_CHAT_TEMPLATE, checkpoint, learn_byte_bpe, write_tokenizer
 
 TEXTS = ["你好，请介绍一下你自己。", "The quick brown fox jumps over the lazy dog.",
          "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)\n", "混合 mixed 文本 text 123456  \n\n end",
          "unseen 字符 ☃ é 😀"]
 CHAT = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "def f(x): return x"}]
-
-
-def checkpoint(directory, family, **overrides):
-    """A tiny checkpoint of the family (config.json + weights, vocab MODEL_VOCAB) with its tokenizer."""
-    if family == "qwen2":
-        save_hf_qwen2(directory, vocab_size=MODEL_VOCAB, **overrides)
-    elif family == "qwen":
-        cfg = hf.qwen_config(vocab_size=MODEL_VOCAB, **overrides)
-        hf.write_checkpoint(directory, cfg, hf.qwen_tensors(cfg))
-    elif family == "chatglm":
-        cfg = hf.chatglm_config(padded_vocab_size=MODEL_VOCAB, **overrides)
-        hf.write_checkpoint(directory, cfg, hf.chatglm_tensors(cfg))
-    else:
-        cfg = hf.baichuan_config("7b", vocab_size=MODEL_VOCAB, **overrides)
-        hf.write_checkpoint(directory, cfg, hf.baichuan_tensors(cfg))
-    return write_tokenizer(directory, family)
 
 
 def tok_dir(tmp_path, family):

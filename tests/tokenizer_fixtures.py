@@ -56,6 +56,25 @@ def write_tokenizer(directory: Path, family: str) -> Path:
     return directory
 
 
+def checkpoint(directory: Path, family: str, **overrides) -> Path:
+    """A tiny checkpoint of the family (config.json + weights, vocab MODEL_VOCAB) with its tokenizer."""
+    from tests import hf_fixtures as hf
+    from tests.conftest import save_hf_qwen2
+
+    if family == "qwen2":
+        save_hf_qwen2(directory, vocab_size=MODEL_VOCAB, **overrides)
+    elif family == "qwen":
+        cfg = hf.qwen_config(vocab_size=MODEL_VOCAB, **overrides)
+        hf.write_checkpoint(directory, cfg, hf.qwen_tensors(cfg))
+    elif family == "chatglm":
+        cfg = hf.chatglm_config(padded_vocab_size=MODEL_VOCAB, **overrides)
+        hf.write_checkpoint(directory, cfg, hf.chatglm_tensors(cfg))
+    else:
+        cfg = hf.baichuan_config("7b", vocab_size=MODEL_VOCAB, **overrides)
+        hf.write_checkpoint(directory, cfg, hf.baichuan_tensors(cfg))
+    return write_tokenizer(directory, family)
+
+
 def _qwen2(d: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 

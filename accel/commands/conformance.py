@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from accel.commands._common import table
+from accel.data.prompts import add_text_prompt_options, given_prompts
 from accel.errors import UsageError
 
 
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", type=_csv, metavar="M1,DIR",
                    help="model presets and/or Hugging Face checkpoint directories, a row naming a directory by "
                         "its name (default: every *-tiny preset)")
+    add_text_prompt_options(p.add_mutually_exclusive_group(),
+                            "for the checkpoint directories in --models (default for them: the built-in set)")
     p.add_argument("--full-training", action="store_true",
                    help="train checkpoint directories fully as well as with LoRA (full fine-tuning holds AdamW "
                         "state of 4x the weights; presets always train both ways)")
@@ -69,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--known-failures {args.known_failures} is not a directory")
         options.known_failures = args.known_failures
     models, options.checkpoints = runner.resolve_models(args.models or ())
+    given = given_prompts(args)
+    if given is not None and not options.checkpoints:
+        raise UsageError("--prompt and --prompts need a checkpoint directory in --models: a preset has no tokenizer")
     if args.golden:
+        if given is not None:
+            raise UsageError("a golden record replays its own prompts; drop --prompt/--prompts")
         record = golden.GoldenRecord(args.golden)
         record.check_checkpoints(options.checkpoints)  # other weights: one line now, not a wall of failures
         jobs = [j for j in record.jobs() if (not args.cases or j[0] in args.cases)
@@ -82,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         models = models or [n for n in presets() if n.endswith("-tiny")]
         jobs = runner.plan_jobs(args.cases or default_cases, models, args.dtypes or runner.DEFAULT_DTYPES,
                                 options.checkpoints, full_training=True if args.full_training else None)
+        if any(j[0] in ("inference", "generation") for j in jobs):
+            options.prompts, notes = runner.checkpoint_prompts(options.checkpoints, given,
+                                                               generation=any(j[0] == "generation" for j in jobs))
+            for note in notes:
+                print(f"conformance: {note}", flush=True)
     staging, identities = None, {}
     if args.write_golden:
         from accel.checkpoint.identity import tensor_digests

@@ -7,7 +7,8 @@ A prompts file holds one JSON object a line, blank lines skipped:
   {"messages": [{"role": "user", "content": "..."}]}  a chat, rendered by render_chat with the
                                                       assistant's turn opened
 `--prompts builtin` takes BUILTIN_PROMPTS (Chinese, English, code; short ones and one long one).
-A prompt longer than the model's context is refused, never cut.
+A prompt longer than the model's context is refused, never cut (only the built-in set, probes run by
+`accel conformance`, is cut to fit: see conformance.runner.checkpoint_prompts).
 """
 
 from __future__ import annotations
@@ -122,9 +123,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
 
 
 def encode_prompts(directory: str | Path, tokenizer: Tokenizer, prompts: Sequence[Prompt],
-                   max_len: int | None = None) -> list[list[int]]:
+                   max_len: int | None = None, room: int = 0) -> list[list[int]]:
     """Each prompt's ids; max_len (default: the context length in directory's config.json, no limit when
-    it has none) is the longest a prompt may be."""
+    it has none) is the longest a prompt and the `room` tokens generated after it may be together."""
     limit = max_len if max_len is not None else context_length(directory)
     out = []
     for i, prompt in enumerate(prompts, 1):
@@ -132,8 +133,9 @@ def encode_prompts(directory: str | Path, tokenizer: Tokenizer, prompts: Sequenc
         name = prompt.where or f"prompt {i}"
         if not ids:
             raise UsageError(f"{name} encodes to no tokens")
-        if limit is not None and len(ids) > limit:
-            raise UsageError(f"{name} is {len(ids)} tokens, the model's context is {limit}; shorten it")
+        if limit is not None and len(ids) + room > limit:
+            after = f" and the {room} tokens generated after it pass" if room else ","
+            raise UsageError(f"{name} is {len(ids)} tokens{after} the model's context is {limit}; shorten it")
         out.append(ids)
     return out
 
@@ -144,12 +146,29 @@ def encode_prompts(directory: str | Path, tokenizer: Tokenizer, prompts: Sequenc
 def add_prompt_options(p: argparse.ArgumentParser, ids_help: str) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--input-ids", metavar="IDS", help=ids_help)
-    g.add_argument("--prompt", metavar="TEXT",
-                   help="prompt text, encoded by the checkpoint's own tokenizer (--model must be a directory)")
+    add_text_prompt_options(g, "(--model must be a directory)")
+
+
+def add_text_prompt_options(g: Any, where: str) -> None:
+    """--prompt and --prompts, for a command whose model(s) `where` says must be checkpoint directories."""
+    g.add_argument("--prompt", metavar="TEXT", help=f"prompt text, encoded by the checkpoint's own tokenizer {where}")
     g.add_argument("--prompts", metavar="FILE.jsonl",
                    help='prompts, one JSON object a line: {"prompt": "..."} or {"messages": [{"role": ..., '
                         '"content": ...}, ...]} (a chat, rendered with the checkpoint\'s chat template or its '
                         'family\'s format); "builtin" for a small built-in set')
+
+
+def given_prompts(args: argparse.Namespace) -> list[Prompt] | None:
+    """The prompts of --prompt / --prompts (None when neither is given)."""
+    if args.prompt is not None:
+        if not args.prompt:
+            raise UsageError("--prompt is empty")
+        return [Prompt(text=args.prompt, where="--prompt")]
+    if args.prompts is None:
+        return None
+    if args.prompts == "builtin" and not Path(args.prompts).exists():
+        return list(BUILTIN_PROMPTS)
+    return read_prompts(args.prompts)
 
 
 def prompts_from_args(args: argparse.Namespace) -> tuple[Tokenizer | None, list[np.ndarray]]:
@@ -163,14 +182,7 @@ def prompts_from_args(args: argparse.Namespace) -> tuple[Tokenizer | None, list[
     if not directory.is_dir():
         raise UsageError(f"{option} needs --model to be a checkpoint directory with its tokenizer; "
                          f"{args.model!r} is none (a preset has no tokenizer): give --input-ids")
-    if args.prompt is not None:
-        if not args.prompt:
-            raise UsageError("--prompt is empty")
-        prompts = [Prompt(text=args.prompt, where="--prompt")]
-    elif args.prompts == "builtin" and not Path(args.prompts).exists():
-        prompts = list(BUILTIN_PROMPTS)
-    else:
-        prompts = read_prompts(args.prompts)
+    prompts = given_prompts(args) or []
     tokenizer = load_tokenizer(directory)
     ids = encode_prompts(directory, tokenizer, prompts)
     return tokenizer, [np.asarray([i], dtype=np.int64) for i in ids]

@@ -302,6 +302,11 @@ def _open(path: Path, family: str | None) -> Tokenizer:
                      "or a qwen.tiktoken")
 
 
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether a checkpoint directory ships tokenizer files (readable or not: load_tokenizer says)."""
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer a checkpoint directory ships (the first of TOKENIZER_FILES it holds), set up for the
     family its config.json names."""
