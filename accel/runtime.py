@@ -11,12 +11,36 @@ import numpy as np
 from accel.errors import UsageError
 
 
-def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: bool = False) -> dict[str, Any]:
+class LazyPlacement(Mapping[str, Any]):
+    """`place` deferred to each read: a weight goes onto the backend (cast) when the forward reads it and
+    is not kept, so what stays resident is the source (a checkpoint's mapped file) and the tensors of
+    the op being computed. For the float64 reference, whose whole copy of a bfloat16 checkpoint would
+    be 4x its bytes; each forward pays the casts again."""
+
+    def __init__(self, backend: Any, params: Mapping[str, np.ndarray], dtype: str):
+        self._backend, self._params, self._dtype = backend, params, dtype
+
+    def __getitem__(self, name: str) -> Any:
+        v = self._params[name]
+        return self._backend.asarray(v, self._dtype if np.asarray(v).dtype.kind in "fV" else None)
+
+    def __iter__(self) -> Any:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+
+def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: bool = False,
+          lazy: bool = False) -> Mapping[str, Any]:
     """Weights onto the backend's device, float tensors cast to `dtype` (other tensors keep theirs).
     With `consume`, `params` (a dict the caller gives up) is emptied as it goes: each source tensor is
     dropped once placed, so a cast holds one source tensor at a time, never the source and the result
-    whole. A backend may alias a tensor that needs no cast (a checkpoint's mapping stays the weights)."""
+    whole. A backend may alias a tensor that needs no cast (a checkpoint's mapping stays the weights).
+    With `lazy`, each tensor is placed when it is read instead (see LazyPlacement), for a forward only."""
     backend.check_dtype(dtype)
+    if lazy:
+        return LazyPlacement(backend, params, dtype)
     if consume and not isinstance(params, MutableMapping):
         raise TypeError("place(consume=True) needs a mutable mapping of params")
     out = {}

@@ -24,13 +24,17 @@ COLORS = {"pass": "#2e7d32", "fail": "#c62828", "known-failure": "#ef6c00", "ski
 
 
 def environment() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
     from accel import __version__
 
     versions = {"accel-port": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for module in ("torch", "mindspore", "jax", "onnxruntime", "tvm"):
+    # from the installed distributions' metadata: importing each framework would cost seconds per run
+    for module, distribution in (("torch", "torch"), ("mindspore", "mindspore"), ("jax", "jax"),
+                                 ("onnxruntime", "onnxruntime"), ("tvm", "apache-tvm")):
         try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # absent or broken: not part of this environment
+            versions[module] = version(distribution)
+        except PackageNotFoundError:  # not part of this environment
             continue
     return {"versions": versions, "machine": platform.machine(), "system": platform.system(),
             "node": platform.node()}

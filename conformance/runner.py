@@ -123,14 +123,16 @@ def stored_dtype(directory: str) -> str:
     return floats[0] if floats else "float32"
 
 
-def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str],
+def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str] | None,
               checkpoints: dict[str, str] | None = None, full_training: bool | None = None) -> list[Job]:
     """The jobs of a run. `checkpoints`: the models among `models` that are checkpoint directories (name
     -> path); they take the inference, generation and training cases (LoRA at the dtype the weights are
     stored in when it is asked for, and full fine-tuning only with `full_training`: its optimiser state
     is 4x the weights), not the suite's own checkpoint-format and collective cases. Presets train both
-    ways unless `full_training` is False."""
-    cases, models, dtypes = list(cases), list(models), list(dtypes)
+    ways unless `full_training` is False. `dtypes` None: DEFAULT_DTYPES for presets and ops, and for a
+    directory the dtype its weights are stored in (training: bfloat16 when that is float16, which
+    trains only with loss scaling): at real size another dtype is a second copy of the weights."""
+    cases, models = list(cases), list(models)
     known = case_kinds()
     unknown = sorted(set(cases) - set(known))
     if unknown:
@@ -141,26 +143,38 @@ def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str]
     missing = sorted(set(models) - set(presets()) - set(directories))
     if missing:
         raise ConformanceError(f"unknown model preset(s) {', '.join(missing)}; see `accel models`")
+    stored = {name: stored_dtype(path) for name, path in directories.items()}
+
+    def dtypes_of(model: str | None, training: bool = False) -> list[str]:
+        if dtypes is not None:
+            return list(dtypes)
+        if model not in stored:
+            return list(DEFAULT_DTYPES)
+        return ["bfloat16" if training and stored[model] == "float16" else stored[model]]
+
     jobs: list[Job] = []
     for case in cases:
         if case == "ops":
-            jobs += [("ops", f"{c.op}[{c.shape}]", d) for d in dtypes for c in OP_CASES]
+            jobs += [("ops", f"{c.op}[{c.shape}]", d) for d in dtypes_of(None) for c in OP_CASES]
         elif case == "inference":
-            jobs += [("inference", m, d) for d in dtypes for m in models]
+            for d in dict.fromkeys(d for m in models for d in dtypes_of(m)):  # dtype-major, as before
+                jobs += [("inference", m, d) for m in models if d in dtypes_of(m)]
         elif case == "generation":
-            jobs += [("generation", m, "float32") for m in models if "float32" in dtypes]
+            # a preset's generation is judged at float32; a directory's at its dtype (see cases.py)
+            jobs += [("generation", m, d) for m in models for d in dtypes_of(m)
+                     if d == "float32" or (m in directories and dtypes is None)]
         else:
             module = next(m for m in case_modules() if case in m.CASE_KINDS)
-            presets_here = [m for m in models if m not in directories]
             if case == "training":
-                for kind, item, dtype in module.plan(case, models, dtypes):
-                    name, lora = model_of(item), item.endswith("+lora")
-                    if name in directories and lora and (own := stored_dtype(directories[name])) in dtypes:
-                        dtype = own
-                    if lora or (full_training if name in directories else full_training is not False):
-                        jobs.append((kind, item, dtype))
+                for name in models:
+                    for kind, item, dtype in module.plan(case, [name], dtypes_of(name, training=True)):
+                        lora = item.endswith("+lora")
+                        if name in directories and lora and stored[name] in dtypes_of(name):
+                            dtype = stored[name]
+                        if lora or (full_training if name in directories else full_training is not False):
+                            jobs.append((kind, item, dtype))
             else:
-                jobs += module.plan(case, presets_here, dtypes)
+                jobs += module.plan(case, [m for m in models if m not in directories], dtypes_of(None))
     return jobs
 
 

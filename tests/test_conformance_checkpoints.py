@@ -29,24 +29,16 @@ def _rows(report_dir: Path) -> list[dict]:
     return json.loads((report_dir / "latest" / "report.json").read_text())["rows"]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "chatglm", "qwen", "baichuan"])
-def test_conformance_runs_a_checkpoint_directory_on_torch_and_mindspore(tmp_path, family):
-    directory = _family_dir(tmp_path, family)
-    r = run_cli("conformance", "--models", str(directory), "--cases", "inference,generation,training",
-                "--dtypes", "float32", "--targets", "torch:cpu,mindspore:cpu", "--report-dir", str(tmp_path / "r"))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = _rows(tmp_path / "r")
-    assert {row["model"] for row in rows} == {directory.name, f"{directory.name}+lora"}
-    # a directory trains with LoRA only unless full fine-tuning is asked for
-    assert {(row["target"], row["case"]) for row in rows if row["status"] == "pass"} == {
-        (t, c) for t in ("torch:cpu", "mindspore:cpu") for c in ("inference", "generation", "training")}
-    assert not any(row["case"] == "training" and row["model"] == directory.name for row in rows)
-
-
 def test_golden_record_from_a_directory_compares_elsewhere_and_refuses_other_weights(tmp_path):
+    """The record keeps the built-in prompts as transformers' AutoTokenizer encodes them, replays them on
+    another target, and refuses the same directory with one tensor changed."""
     from safetensors.numpy import load_file, save_file
+    from transformers import AutoTokenizer
 
-    directory = save_hf_qwen2(tmp_path / "team-qwen2")
+    from accel.data.prompts import BUILTIN_PROMPTS
+    from tests.tokenizer_fixtures import checkpoint
+
+    directory = checkpoint(tmp_path / "team-qwen2", "qwen2")  # context: max_position_embeddings 128
     record = tmp_path / "golden"
     r = run_cli("conformance", "--models", str(directory), "--cases", "inference,generation", "--dtypes", "float32",
                 "--targets", "torch:cpu", "--write-golden", str(record), "--report-dir", str(tmp_path / "r"))
@@ -57,13 +49,21 @@ def test_golden_record_from_a_directory_compares_elsewhere_and_refuses_other_wei
     assert manifest["checkpoints"]["team-qwen2"] == {
         n: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for n, a in weights.items()}
     stored = load_file(str(record / "arrays.safetensors"))
-    assert "models/team-qwen2|input|input_ids" in stored and not any("|input|param." in k for k in stored)
+    assert not any("|input|param." in k for k in stored)
+    ref = AutoTokenizer.from_pretrained(directory)
+    want = [ref.encode(p.text, add_special_tokens=False) if p.text else
+            list(ref.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)) for p in BUILTIN_PROMPTS]
+    want = [ids[:128 - 8] for ids in want]  # the long probe is cut to the context, less the generated tokens
+    assert any(len(ids) == 120 for ids in want)
+    assert [stored[f"models/team-qwen2|input|input_ids.{i}"].ravel().tolist() for i in range(len(want))] == want
 
     r = run_cli("conformance", "--models", str(directory), "--targets", "mindspore:cpu", "--golden", str(record),
                 "--report-dir", str(tmp_path / "r"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = _rows(tmp_path / "r")
-    assert {(row["case"], row["status"]) for row in rows} == {("inference", "pass"), ("generation", "pass")}
+    assert {(row["case"], row["status"], row["metrics"]["prompts"]) for row in rows} == {
+        ("inference", "pass", 6.0), ("generation", "pass", 6.0)}
 
     changed = tmp_path / "elsewhere" / "team-qwen2"  # same name, one tensor changed in its last bit
     changed.mkdir(parents=True)
@@ -90,8 +90,8 @@ def test_full_training_of_a_directory_only_when_asked(tmp_path):
     names, dirs = resolve_models([str(directory), "qwen2-tiny"])
     assert names == ["team-qwen2", "qwen2-tiny"] and dirs == {"team-qwen2": str(directory.resolve())}
     jobs = plan_jobs(["training"], names, ["float32", "bfloat16"], dirs)
-    assert jobs == [("training", "qwen2-tiny", "float32"), ("training", "team-qwen2+lora", "float32"),
-                    ("training", "qwen2-tiny+lora", "bfloat16")]  # stored as float32 by save_pretrained
+    assert sorted(jobs) == [("training", "qwen2-tiny", "float32"), ("training", "qwen2-tiny+lora", "bfloat16"),
+                            ("training", "team-qwen2+lora", "float32")]  # stored as float32 by save_pretrained
     full = plan_jobs(["training"], names, ["float32", "bfloat16"], dirs, full_training=True)
     assert ("training", "team-qwen2", "float32") in full
     assert plan_jobs(["checkpoints"], ["team-qwen2"], ["float32"], dirs) == []
@@ -109,6 +109,16 @@ def test_stored_bfloat16_directory_trains_lora_at_bfloat16(tmp_path):
     names, dirs = resolve_models([str(directory)])
     assert plan_jobs(["training"], names, ["float32", "float16", "bfloat16"], dirs) == [
         ("training", "bf16-qwen2+lora", "bfloat16")]
+    # by default a directory runs at the dtype it is stored in (another would copy the weights), its
+    # generation too; a preset's inference at every dtype, its generation at float32
+    jobs = plan_jobs(["inference", "generation", "training"], [*names, "qwen2-tiny"], None, dirs)
+    assert sorted(j for j in jobs if j[1].startswith("bf16-qwen2")) == [
+        ("generation", "bf16-qwen2", "bfloat16"), ("inference", "bf16-qwen2", "bfloat16"),
+        ("training", "bf16-qwen2+lora", "bfloat16")]
+    assert sorted(j for j in jobs if not j[1].startswith("bf16-qwen2")) == [
+        ("generation", "qwen2-tiny", "float32"), *(("inference", "qwen2-tiny", d) for d in
+                                                   ("bfloat16", "float16", "float32")),
+        ("training", "qwen2-tiny", "float32"), ("training", "qwen2-tiny+lora", "bfloat16")]
 
 
 def test_bad_model_directories_are_one_line_errors(tmp_path):
@@ -263,46 +273,23 @@ def test_layer_isolation_names_the_layer_that_makes_the_error(tmp_path, monkeypa
 # --- text prompts through the checkpoint's own tokenizer ---------------------------------------------
 
 
-def test_directories_run_on_the_builtin_prompts_through_their_own_tokenizers(tmp_path):
+def test_directories_of_each_family_run_on_the_builtin_prompts_through_their_own_tokenizers(tmp_path):
+    """`accel conformance --models DIR,...` on torch:cpu and mindspore:cpu: inference and generation over the
+    built-in prompts, and training with LoRA only (full fine-tuning of a directory is asked for)."""
     from tests.tokenizer_fixtures import checkpoint
 
     dirs = [checkpoint(tmp_path / f"team-{f}", f) for f in ("qwen2", "qwen", "chatglm", "baichuan")]
-    r = run_cli("conformance", "--models", ",".join(map(str, dirs)), "--cases", "inference,generation",
+    r = run_cli("conformance", "--models", ",".join(map(str, dirs)), "--cases", "inference,generation,training",
                 "--dtypes", "float32", "--targets", "torch:cpu,mindspore:cpu", "--report-dir", str(tmp_path / "r"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _rows(tmp_path / "r")
-    assert len(rows) == 16 and all(row["status"] == "pass" for row in rows)
-    assert {row["metrics"]["prompts"] for row in rows} == {6.0}
+    assert {(row["target"], row["case"], row["model"]) for row in rows} == {
+        (t, c, f"team-{f}{'+lora' if c == 'training' else ''}") for t in ("torch:cpu", "mindspore:cpu")
+        for c in ("inference", "generation", "training") for f in ("qwen2", "qwen", "chatglm", "baichuan")}
+    assert all(row["status"] == "pass" for row in rows), [(r["case"], r["model"], r["detail"]) for r in rows]
+    assert {row["metrics"]["prompts"] for row in rows if row["case"] != "training"} == {6.0}
     # Qwen v1's generation stays within seq_length 16 (dynamic NTK): the built-in prompts are cut to 8 tokens
     assert "team-qwen: 6 of the 6 built-in prompts are cut to 8 tokens, its context of 16 less 8 generated" in r.stdout
-
-
-def test_builtin_prompts_are_encoded_as_transformers_does_and_replay_from_a_golden_record(tmp_path):
-    from safetensors.numpy import load_file
-    from transformers import AutoTokenizer
-
-    from accel.data.prompts import BUILTIN_PROMPTS
-    from tests.tokenizer_fixtures import checkpoint
-
-    directory = checkpoint(tmp_path / "team-qwen2", "qwen2")  # context: max_position_embeddings 128
-    record = tmp_path / "golden"
-    r = run_cli("conformance", "--models", str(directory), "--cases", "inference,generation", "--dtypes", "float32",
-                "--targets", "torch:cpu", "--write-golden", str(record), "--report-dir", str(tmp_path / "r"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    ref = AutoTokenizer.from_pretrained(directory)
-    want = [ref.encode(p.text, add_special_tokens=False) if p.text else
-            list(ref.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True,
-                                         return_dict=False)) for p in BUILTIN_PROMPTS]
-    want = [ids[:128 - 8] for ids in want]  # the long probe is cut to the context, less the generated tokens
-    assert any(len(ids) == 120 for ids in want)
-    stored = load_file(str(record / "arrays.safetensors"))
-    assert [stored[f"models/team-qwen2|input|input_ids.{i}"].ravel().tolist() for i in range(len(want))] == want
-    r = run_cli("conformance", "--models", str(directory), "--golden", str(record), "--targets", "mindspore:cpu",
-                "--report-dir", str(tmp_path / "r2"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = _rows(tmp_path / "r2")
-    assert {(row["case"], row["status"], row["metrics"]["prompts"]) for row in rows} == {
-        ("inference", "pass", 6.0), ("generation", "pass", 6.0)}
 
 
 def test_a_prompts_file_in_conformance_and_bad_prompt_input_are_one_line_errors(tmp_path, capsys):

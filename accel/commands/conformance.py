@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=_csv, metavar="C1,C2",
                    help="case kinds: ops, inference, generation, training, checkpoints, collectives (default: all "
                         "but collectives)")
-    p.add_argument("--dtypes", type=_csv, metavar="D1,D2", help="dtypes (default float32,float16,bfloat16)")
+    p.add_argument("--dtypes", type=_csv, metavar="D1,D2",
+                   help="dtypes (default: float32,float16,bfloat16 for presets; a checkpoint directory's "
+                        "inference and generation at the dtype its weights are stored in)")
     golden = p.add_mutually_exclusive_group()
     golden.add_argument("--golden", type=Path, metavar="DIR",
                         help="compare against a golden record written on another machine")
@@ -88,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         default_cases = [c for c in runner.case_kinds() if c != "collectives"]
         models = models or [n for n in presets() if n.endswith("-tiny")]
-        jobs = runner.plan_jobs(args.cases or default_cases, models, args.dtypes or runner.DEFAULT_DTYPES,
-                                options.checkpoints, full_training=True if args.full_training else None)
+        jobs = runner.plan_jobs(args.cases or default_cases, models, args.dtypes, options.checkpoints,
+                                full_training=True if args.full_training else None)
         if any(j[0] in ("inference", "generation") for j in jobs):
             options.prompts, notes = runner.checkpoint_prompts(options.checkpoints, given,
                                                                generation=any(j[0] == "generation" for j in jobs))
