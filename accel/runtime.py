@@ -3,7 +3,7 @@ KV cache (and without it, by full recomputation, as its check)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -87,12 +87,13 @@ def infer(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray) 
 
 def generate(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarray, max_new_tokens: int,
              use_cache: bool = True, step_logits: list[np.ndarray] | None = None,
-             forced: np.ndarray | None = None) -> np.ndarray:
+             forced: np.ndarray | None = None, stop: Collection[int] = ()) -> np.ndarray:
     """Greedy decoding: (b, max_new_tokens) new token ids. With the KV cache, a prefill then one token
     per step; without, the whole sequence is recomputed each step (the check of the cache).
     `step_logits`, when given, receives the (b, vocab) logits each token was chosen from. `forced`
     (b, max_new_tokens), when given, is fed back instead of the tokens chosen (teacher forcing: the
-    logits along another run's tokens, so that one different choice does not change every later step)."""
+    logits along another run's tokens, so that one different choice does not change every later step).
+    `stop`: token ids that end the generation once every row has chosen one (it is kept, as the last)."""
     ids = check_ids(model, ids)
     forward = forward_fn(model, backend)
     out = []
@@ -109,6 +110,8 @@ def generate(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarra
         for step in range(max_new_tokens):
             nxt = choose(logits)  # (b,)
             out.append(nxt)
+            if stop and all(int(t) in stop for t in nxt):
+                break
             fed = nxt if forced is None else np.asarray(forced)[:, step]
             if step + 1 < max_new_tokens:
                 logits = forward(params, backend.asarray(fed[:, None].astype(np.int64), "int64"), cache)
@@ -117,6 +120,8 @@ def generate(model: Any, backend: Any, params: Mapping[str, Any], ids: np.ndarra
         for step in range(max_new_tokens):
             nxt = choose(forward(params, backend.asarray(seq, "int64")))
             out.append(nxt)
+            if stop and all(int(t) in stop for t in nxt):
+                break
             fed = nxt if forced is None else np.asarray(forced)[:, step]
             seq = np.concatenate([seq, fed[:, None].astype(np.int64)], axis=1)
     return np.stack(out, axis=1) if out else np.zeros((ids.shape[0], 0), np.int64)

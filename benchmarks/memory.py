@@ -220,7 +220,7 @@ def main() -> int:
     limit = int(args.limit_gb * 1e9) if args.limit_gb else int(0.9 * avail)
     only = {s.strip() for s in args.only.split(",")} if args.only else None
 
-    need = sum(checkpoint_bytes(s) for s in sizes if not (workdir / f"qwen2-{s}" / "config.json").is_file())
+    need = sum(checkpoint_bytes(s) for s in sizes if not (workdir / f"synthetic-qwen2-{s}" / "config.json").is_file())
     free = shutil.disk_usage(workdir).free
     if need > free:
         print(f"not enough disk in {workdir}: the checkpoints need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free; "
@@ -229,7 +229,7 @@ def main() -> int:
     results = []
     try:
         for size in sizes:
-            directory = workdir / f"qwen2-{size}"
+            directory = workdir / f"synthetic-qwen2-{size}"
             nbytes = checkpoint_bytes(size)
             if not (directory / "config.json").is_file():
                 t0 = time.perf_counter()
@@ -255,7 +255,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         elif not args.keep:
             for size in sizes:
-                shutil.rmtree(workdir / f"qwen2-{size}", ignore_errors=True)
+                shutil.rmtree(workdir / f"synthetic-qwen2-{size}", ignore_errors=True)
     from accel.commands._common import table
 
     rows = [[r["size"], f"{r['checkpoint_bytes'] / 1e9:.2f}", r["command"],

@@ -327,3 +327,21 @@ def test_generate_subprocess_prints_text(tmp_path):
     assert len(record["new_tokens"]) == 4 and isinstance(record["text"], str)
     r = run_cli("generate", "--model", str(d), "--prompt", "你好", "--input-ids", "1,2")
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+def test_generate_stops_at_an_end_token_unless_told_not_to(tmp_path, capsys):
+    d = checkpoint(tmp_path / "ck", "qwen2")
+    args = ["generate", "--model", str(d), "--prompt", "你好", "--max-new-tokens", "6", "--json", "--target",
+            "numpy:cpu"]
+    code, out, err = cli(capsys, *args, "--ignore-eos")
+    assert code == 0, err
+    full = json.loads(out)["new_tokens"]
+    assert len(full) == 6 and not json.loads(out)["stopped_at_eos"]
+    end = full[2]  # declared an end token in generation_config.json, as Qwen2-Instruct lists <|im_end|>
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [MODEL_VOCAB + 5, end]}))
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    record = json.loads(out)
+    cut = full.index(end) + 1
+    assert record["new_tokens"] == full[:cut] and record["stopped_at_eos"]
+    assert record["text"] == load_tokenizer(d).decode(full[:cut - 1])

@@ -302,6 +302,20 @@ def _open(path: Path, family: str | None) -> Tokenizer:
                      "or a qwen.tiktoken")
 
 
+def end_tokens(tok: Tokenizer) -> set[int]:
+    """The ids that end a generation: the tokenizer's end token and generation_config.json's
+    eos_token_id (an id or a list: Qwen2-Instruct's <|im_end|> and <|endoftext|>, ChatGLM3's role
+    tokens that open the next turn)."""
+    ids = {tok.eos_id} if tok.eos_id is not None else set()
+    path = tok.path.parent / "generation_config.json"
+    if path.is_file():
+        value = read_json(path).get("eos_token_id")
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size:
+                ids.add(i)
+    return ids
+
+
 def has_tokenizer(directory: str | Path) -> bool:
     """Whether a checkpoint directory ships tokenizer files (readable or not: load_tokenizer says)."""
     return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
