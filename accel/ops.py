@@ -54,15 +54,26 @@ def _f64(x: Any) -> Any:
 @_op
 def embedding(weight, ids):
     """Rows of `weight` (vocab, dim) picked by the integer array `ids` (...): result (..., dim)."""
-    return _f64(weight)[np.asarray(ids)]
+    return _f64(np.asarray(weight)[np.asarray(ids)])  # the rows, then the cast: never the table in float64
 
 
 @_op
 def linear(x, weight, bias=None):
     """x (..., in) @ weight.T + bias, with `weight` (out, in) as PyTorch and HF checkpoints store it
     and `bias` (out,) optional. Result (..., out)."""
-    y = _f64(x) @ _f64(weight).T
+    x = _f64(x)
+    if isinstance(weight, np.ndarray) and weight.dtype != np.float64 and weight.size > _CAST_BLOCK:
+        # A low-precision weight given as it is stored (a checkpoint's mapping) is cast a block of rows
+        # at a time, so the reference never holds a float64 copy of a large weight (an lm_head of 152k
+        # rows is 4.4 GB at float64 for Qwen2-7B)
+        rows = max(1, _CAST_BLOCK // weight.shape[1])
+        y = np.concatenate([x @ _f64(weight[i:i + rows]).T for i in range(0, weight.shape[0], rows)], axis=-1)
+    else:
+        y = x @ _f64(weight).T
     return y if bias is None else y + _f64(bias)
+
+
+_CAST_BLOCK = 1 << 24  # elements of a weight cast to float64 at once by `linear` (128 MB)
 
 
 @_op

@@ -15,14 +15,19 @@ class LazyPlacement(Mapping[str, Any]):
     """`place` deferred to each read: a weight goes onto the backend (cast) when the forward reads it and
     is not kept, so what stays resident is the source (a checkpoint's mapped file) and the tensors of
     the op being computed. For the float64 reference, whose whole copy of a bfloat16 checkpoint would
-    be 4x its bytes; each forward pays the casts again."""
+    be 4x its bytes; each forward pays the casts again. With `as_stored`, a float tensor of more than
+    that many elements is handed over as it is stored: for the reference, whose ops cast their inputs
+    themselves, its embedding only the rows it picks and its linear a block of rows at a time."""
 
-    def __init__(self, backend: Any, params: Mapping[str, np.ndarray], dtype: str):
-        self._backend, self._params, self._dtype = backend, params, dtype
+    def __init__(self, backend: Any, params: Mapping[str, np.ndarray], dtype: str, as_stored: int | None = None):
+        self._backend, self._params, self._dtype, self._as_stored = backend, params, dtype, as_stored
 
     def __getitem__(self, name: str) -> Any:
         v = self._params[name]
-        return self._backend.asarray(v, self._dtype if np.asarray(v).dtype.kind in "fV" else None)
+        floating = np.asarray(v).dtype.kind in "fV"
+        if floating and self._as_stored is not None and np.asarray(v).size > self._as_stored:
+            return v
+        return self._backend.asarray(v, self._dtype if floating else None)
 
     def __iter__(self) -> Any:
         return iter(self._params)
@@ -32,7 +37,7 @@ class LazyPlacement(Mapping[str, Any]):
 
 
 def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: bool = False,
-          lazy: bool = False) -> Mapping[str, Any]:
+          lazy: bool = False, as_stored: int | None = None) -> Mapping[str, Any]:
     """Weights onto the backend's device, float tensors cast to `dtype` (other tensors keep theirs).
     With `consume`, `params` (a dict the caller gives up) is emptied as it goes: each source tensor is
     dropped once placed, so a cast holds one source tensor at a time, never the source and the result
@@ -40,7 +45,7 @@ def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: b
     With `lazy`, each tensor is placed when it is read instead (see LazyPlacement), for a forward only."""
     backend.check_dtype(dtype)
     if lazy:
-        return LazyPlacement(backend, params, dtype)
+        return LazyPlacement(backend, params, dtype, as_stored)
     if consume and not isinstance(params, MutableMapping):
         raise TypeError("place(consume=True) needs a mutable mapping of params")
     out = {}

@@ -167,3 +167,22 @@ def test_mindspore_aliases_a_writeable_array() -> None:
     ro.flags.writeable = False
     t = backend.asarray(ro, "float32")  # a read-only buffer is copied, never handed to kernels
     assert backend.to_numpy(t).tolist() == ro.tolist()
+
+
+@pytest.mark.parametrize("name", ["chatglm3-tiny", "qwen-tiny", "qwen2-tiny", "baichuan2-13b-tiny"])
+def test_reference_on_weights_as_stored_equals_the_float64_copy(monkeypatch, name):
+    """The float64 reference fed bfloat16 weights as stored (each op casts them, linear a block of rows
+    at a time) computes what it computes on a whole float64 copy of them, to float64 rounding."""
+    from accel import ops
+    from accel.models import from_preset
+    from accel.targets import open_target
+
+    monkeypatch.setattr(ops, "_CAST_BLOCK", 1000)  # every weight of the tiny model takes the blocked path
+    ref = open_target("numpy:cpu", policy={})
+    model, params = from_preset(name, seed=0)
+    stored = {k: v.astype(ml_dtypes.bfloat16) if v.dtype.kind == "f" else v for k, v in params.items()}
+    ids = ref.asarray(np.random.default_rng(0).integers(0, model.vocab_size, (2, 9)), "int64")
+    whole = model.forward(ref.ops, place(ref, stored, "float64"), ids)
+    lazy = model.forward(ref.ops, place(ref, stored, "float64", lazy=True, as_stored=0), ids)
+    assert lazy.dtype == np.float64
+    np.testing.assert_allclose(lazy, whole, rtol=0, atol=1e-13 * np.abs(whole).max())
