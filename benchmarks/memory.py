@@ -192,6 +192,10 @@ def commands(directory: Path) -> dict[str, list[str]]:
         "accel infer": [*accel, "infer", *common, "--out", str(directory.parent / f"{directory.name}-logits.npy")],
         "accel generate": [*accel, "generate", *common, "--max-new-tokens", "4"],
         "transformers": [sys.executable, "-c", TRANSFORMERS, str(directory), PROMPT],
+        # mindspore:cpu has no bfloat16: the checkpoint is cast, tensor by tensor, to float16
+        "accel infer mindspore": [*accel, "infer", "--model", str(directory), "--target", "mindspore:cpu",
+                                  "--dtype", "float16", "--input-ids", PROMPT,
+                                  "--out", str(directory.parent / f"{directory.name}-ms-logits.npy")],
         # at the dtype the weights are stored in (bfloat16), the default for a directory; seeded token ids
         # (the synthetic checkpoint has no tokenizer)
         "accel conformance": [*accel, "conformance", "--models", str(directory), "--targets", "torch:cpu",
@@ -206,7 +210,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, help="where the checkpoints go (default: a temp dir under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (and reuse ones already there)")
     ap.add_argument("--only", help="comma-separated subset of: accel infer, accel generate, transformers, "
-                                   "accel conformance")
+                                   "accel infer mindspore, accel conformance")
     ap.add_argument("--limit-gb", type=float, help="stop a child whose RSS passes this (default 90%% of MemAvailable)")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
