@@ -36,16 +36,13 @@ class LazyPlacement(Mapping[str, Any]):
         return len(self._params)
 
 
-def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: bool = False,
-          lazy: bool = False, as_stored: int | None = None) -> Mapping[str, Any]:
+def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: bool = False) -> dict[str, Any]:
     """Weights onto the backend's device, float tensors cast to `dtype` (other tensors keep theirs).
     With `consume`, `params` (a dict the caller gives up) is emptied as it goes: each source tensor is
     dropped once placed, so a cast holds one source tensor at a time, never the source and the result
     whole. A backend may alias a tensor that needs no cast (a checkpoint's mapping stays the weights).
-    With `lazy`, each tensor is placed when it is read instead (see LazyPlacement), for a forward only."""
+    For a forward only, `place_lazily` places each tensor when it is read instead."""
     backend.check_dtype(dtype)
-    if lazy:
-        return LazyPlacement(backend, params, dtype, as_stored)
     if consume and not isinstance(params, MutableMapping):
         raise TypeError("place(consume=True) needs a mutable mapping of params")
     out = {}
@@ -53,6 +50,13 @@ def place(backend: Any, params: Mapping[str, np.ndarray], dtype: str, consume: b
         v = params.pop(k) if isinstance(params, MutableMapping) and consume else params[k]
         out[k] = backend.asarray(v, dtype if np.asarray(v).dtype.kind in "fV" else None)
     return out
+
+
+def place_lazily(backend: Any, params: Mapping[str, np.ndarray], dtype: str,
+                 as_stored: int | None = None) -> LazyPlacement:
+    """`place` for a forward, each tensor placed when it is read (see LazyPlacement)."""
+    backend.check_dtype(dtype)
+    return LazyPlacement(backend, params, dtype, as_stored)
 
 
 def check_ids(model: Any, ids: np.ndarray) -> np.ndarray:

@@ -236,10 +236,11 @@ def _placed(backend: Any, params: dict[str, Any], dtype: str) -> Any:
     """The weights on a backend for a forward; on the float64 reference each tensor is cast as it is
     read, and a large one by the op itself, a block at a time (runtime.LazyPlacement): its whole copy of
     a bfloat16 checkpoint would be 4x the weights."""
-    from accel.runtime import place
+    from accel.runtime import place, place_lazily
 
-    reference = backend.target == "numpy:cpu"
-    return place(backend, params, dtype, lazy=reference, as_stored=1 << 22 if reference else None)
+    if backend.target == "numpy:cpu":
+        return place_lazily(backend, params, dtype, as_stored=1 << 22)
+    return place(backend, params, dtype)
 
 
 def forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray,

@@ -18,7 +18,7 @@ import pytest
 
 from accel.checkpoint import safetensors
 from accel.models import from_pretrained
-from accel.runtime import place
+from accel.runtime import place, place_lazily
 
 torch = pytest.importorskip("torch")
 
@@ -183,6 +183,6 @@ def test_reference_on_weights_as_stored_equals_the_float64_copy(monkeypatch, nam
     stored = {k: v.astype(ml_dtypes.bfloat16) if v.dtype.kind == "f" else v for k, v in params.items()}
     ids = ref.asarray(np.random.default_rng(0).integers(0, model.vocab_size, (2, 9)), "int64")
     whole = model.forward(ref.ops, place(ref, stored, "float64"), ids)
-    lazy = model.forward(ref.ops, place(ref, stored, "float64", lazy=True, as_stored=0), ids)
+    lazy = model.forward(ref.ops, place_lazily(ref, stored, "float64", as_stored=0), ids)
     assert lazy.dtype == np.float64
     np.testing.assert_allclose(lazy, whole, rtol=0, atol=1e-13 * np.abs(whole).max())
