@@ -270,6 +270,56 @@ def test_layer_isolation_names_the_layer_that_makes_the_error(tmp_path, monkeypa
     assert max(local[:2]) < local[2] / 100
 
 
+
+def test_layer_isolation_finds_an_error_that_massive_activations_hide_until_the_logits(tmp_path, monkeypatch):
+    """Channel 0 of the residual stream carries 1000 (the embedding's column 0; the lm_head ignores it),
+    as real checkpoints carry massive activations. A fault in layer 2's residual add of its MLP output
+    (10% too much of it) stays within tolerance at every tap, measured against outputs of magnitude
+    1000, until the logits: the propagated errors name the logits. On the reference's own input, what
+    layer 2 adds is 10% off, and isolation names layer 2."""
+    from safetensors.torch import load_file, save_file
+
+    from accel.backends import torch_eager as te
+    from accel.conformance import cases
+    from accel.targets import open_target
+
+    directory = save_hf_qwen2(tmp_path / "massive-qwen2", num_hidden_layers=4)
+    weights = load_file(directory / "model.safetensors")
+    weights["model.embed_tokens.weight"][:, 0] = 1000.0
+    weights["lm_head.weight"] *= 1000.0  # logits of order 0.3, so that the tolerance is not all atol
+    weights["lm_head.weight"][:, 0] = 0.0
+    weights["model.layers.2.mlp.down_proj.weight"][0, 0] = 1.2345  # marks the MLP output the fault acts on
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setitem(cases.CHECKPOINTS, "massive-qwen2", str(directory))
+    cases.model_inputs.cache_clear()
+
+    backend = open_target("torch:cpu", policy={})
+    marked: dict[int, object] = {}
+
+    def linear(x, weight, bias=None):
+        out = te.linear(x, weight, bias)
+        if abs(float(weight.reshape(-1)[0]) - 1.2345) < 1e-6:
+            marked[id(out)] = out  # held, so that the id stays its own
+        return out
+
+    def add(a, b):
+        return te.add(a, b) + 0.1 * b if id(b) in marked else te.add(a, b)
+
+    backend.ops.__dict__["linear"] = linear
+    backend.ops.__dict__["add"] = add
+    backend.name = "faulty"
+    try:
+        healthy = cases.run_inference_case(open_target("torch:cpu", policy={}), "massive-qwen2", "float32")
+        row = cases.run_inference_case(backend, "massive-qwen2", "float32")
+    finally:
+        cases.model_inputs.cache_clear()
+    assert healthy.status == "pass" and row.status == "fail"
+    assert row.first_divergence["tap"] == "logits", row.first_divergence  # propagated: a later place
+    assert row.first_divergence["first_local_layer"] == 2, row.first_divergence
+    assert "layer 2 is the first out of tolerance on its own input" in row.detail
+    local = row.series["layer_local_max_abs"]
+    assert max(local[:2] + local[3:]) < local[2] / 10
+
 # --- text prompts through the checkpoint's own tokenizer ---------------------------------------------
 
 
