@@ -14,7 +14,7 @@ The pieces, each usable alone:
   (ndim >= 2) only, not to biases and norm weights, as MindFormers and the HF Trainer group them.
   float16/bfloat16 weights are updated through float32 master copies kept in the state, with float32
   moments (mixed precision as MindFormers and torch AMP train). A pure function: the state is tensors
-  (b1^t and b2^t included, so a compiled update does not retrace per step).
+  (the bias corrections 1 - b^t included, so a compiled update does not retrace per step).
 - `grad_norm(ops, grads)`: the global L2 norm of the gradients, as a 0-d tensor.
 - `make_train_step(model, backend, opt, lora=None)`: step(trainable, frozen, state, input_ids, labels)
   -> (loss, grad_norm, trainable, state), the loss differentiated with `backend.value_and_grad` (a backend
@@ -40,8 +40,9 @@ LOW_PRECISION = ("float16", "bfloat16")
 
 
 def lm_loss(model: Any, ops: Any, params: Mapping[str, Any], input_ids: Any, labels: Any) -> Any:
-    """Mean cross-entropy of logits[:, t] against labels[:, t] over the labels that are not -100."""
-    logits = model.forward(ops, params, input_ids)  # (b, s, vocab)
+    """Mean cross-entropy of logits[:, t] against labels[:, t] over the labels that are not -100 (the
+    forward in training mode: Qwen v1 then stretches nothing past its seq_length, as the original)."""
+    logits = model.forward(ops, params, input_ids, training=True)  # (b, s, vocab)
     b, s, vocab = logits.shape
     return ops.cross_entropy(ops.reshape(logits, (b * s, vocab)), ops.reshape(labels, (b * s,)), IGNORE_INDEX)
 
@@ -69,19 +70,21 @@ def adamw_init(ops: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     m / (sqrt(v) + eps) would divide by zero)."""
     master = {k: ops.cast(p, "float32") for k, p in params.items() if dtype_name(p) in LOW_PRECISION}
     full = {k: master.get(k, p) for k, p in params.items()}
-    # b1^t and b2^t in float32 at least: in bfloat16, 0.999 rounds to 1 and 1 - b2^t would be 0
+    # The bias corrections 1 - b1^t and 1 - b2^t, in float32 at least (in bfloat16, 0.999 rounds to 1)
     wide = "float64" if any(dtype_name(p) == "float64" for p in params.values()) else "float32"
     return {"m": {k: ops.mul(p, 0.0) for k, p in full.items()}, "v": {k: ops.mul(p, 0.0) for k, p in full.items()},
             "master": master,
-            "b1t": ops.asarray(np.ones((), np.float64), wide), "b2t": ops.asarray(np.ones((), np.float64), wide)}
+            "c1": ops.asarray(np.zeros((), np.float64), wide), "c2": ops.asarray(np.zeros((), np.float64), wide)}
 
 
 def adamw_update(ops: Any, opt: AdamW, params: Mapping[str, Any], grads: Mapping[str, Any],
                  state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     b1, b2 = opt.betas
-    b1t, b2t = ops.mul(state["b1t"], b1), ops.mul(state["b2t"], b2)
-    c1 = ops.add(ops.mul(b1t, -1.0), 1.0)  # 1 - b1^t
-    c2 = ops.add(ops.mul(b2t, -1.0), 1.0)
+    # 1 - b^t carried as itself: c_t = (1 - b) + b c_(t-1), both terms positive, so each step rounds it by
+    # about one unit. Kept as b^t instead, 1 - b^t cancels: float32(0.999)^t leaves 1 - b2^t 1.3e-5 short
+    # (and every update that much too large), where torch.optim.AdamW computes it in Python floats.
+    c1 = ops.add(ops.mul(state["c1"], b1), 1.0 - b1)  # 1 - b1^t
+    c2 = ops.add(ops.mul(state["c2"], b2), 1.0 - b2)
     corrections: dict[str, tuple[Any, Any]] = {}  # the op set's operands share one dtype: c1, c2 per dtype
     new_params, m_out, v_out, master_out = {}, {}, {}, {}
     for k, p in params.items():
@@ -103,7 +106,7 @@ def adamw_update(ops: Any, opt: AdamW, params: Mapping[str, Any], grads: Mapping
             master_out[k] = p
             p = ops.cast(p, dtype_name(params[k]))
         new_params[k] = p
-    return new_params, {"m": m_out, "v": v_out, "master": master_out, "b1t": b1t, "b2t": b2t}
+    return new_params, {"m": m_out, "v": v_out, "master": master_out, "c1": c1, "c2": c2}
 
 
 def grad_norm(ops: Any, grads: Mapping[str, Any]) -> Any:

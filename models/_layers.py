@@ -86,7 +86,7 @@ class Model(ABC):
 
     @abstractmethod
     def forward(self, ops: Any, params: Params, input_ids: Any, cache: KVCache | None = None,
-                taps: dict | None = None) -> Any:
+                taps: dict | None = None, training: bool = False) -> Any:
         ...
 
     def new_cache(self) -> KVCache:

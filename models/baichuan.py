@@ -99,7 +99,7 @@ class Baichuan(Model):
         return spec
 
     def forward(self, ops: Any, params: Params, input_ids: Any, cache: KVCache | None = None,
-                taps: dict | None = None) -> Any:
+                taps: dict | None = None, training: bool = False) -> Any:
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
         D, h, eps = self.hidden_size, self.num_heads, self.rms_norm_eps

@@ -127,7 +127,7 @@ class ChatGLM(Model):
         return {INV_FREQ: rope_inv_freq(self.rot_dim, 10000.0)}
 
     def forward(self, ops: Any, params: Params, input_ids: Any, cache: KVCache | None = None,
-                taps: dict | None = None) -> Any:
+                taps: dict | None = None, training: bool = False) -> Any:
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
         d, h, g = self.head_dim, self.num_heads, self.num_groups

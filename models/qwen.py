@@ -148,21 +148,22 @@ class QWen(Model):
         return spec
 
     def forward(self, ops: Any, params: Params, input_ids: Any, cache: KVCache | None = None,
-                taps: dict | None = None) -> Any:
+                taps: dict | None = None, training: bool = False) -> Any:
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
         D, h, eps = self.hidden_size, self.num_heads, self.layer_norm_epsilon
         x = tap(taps, "embed", "embedding", ops.embedding(params["transformer.wte.weight"], input_ids))  # (b, s, D)
         # Dynamic NTK: the factor is picked from the length of a forward without a past (the prompt) and
-        # kept for every later step on that cache, so the cached keys stay consistent.
+        # kept for every later step on that cache, so the cached keys stay consistent. Training uses
+        # neither NTK nor logn scaling, as the original (`self.training`) does not.
         alpha = 1
-        if self.use_dynamic_ntk:
+        if self.use_dynamic_ntk and not training:
             alpha = getattr(cache, "ntk_alpha", 1) if past else ntk_alpha(s, self.seq_length)
             if cache is not None:
                 cache.ntk_alpha = alpha  # type: ignore[attr-defined]
         base = self.rotary_emb_base * alpha ** (self.rot_dim / (self.rot_dim - 2))
         cos, sin = rope_tables(ops, rope_inv_freq(self.rot_dim, base), past, s, taps)  # (s, rot/2)
-        logn = self.use_logn_attn and past + s > self.seq_length
+        logn = self.use_logn_attn and not training and past + s > self.seq_length
         for i in range(self.num_layers):
             p, t = f"transformer.h.{i}.", f"layers.{i}."
             hn = tap(taps, t + "input_norm", "rms_norm", ops.rms_norm(x, params[p + "ln_1.weight"], eps))
@@ -270,7 +271,7 @@ class Qwen2(Model):
         return spec
 
     def forward(self, ops: Any, params: Params, input_ids: Any, cache: KVCache | None = None,
-                taps: dict | None = None) -> Any:
+                taps: dict | None = None, training: bool = False) -> Any:
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
         x = tap(taps, "embed", "embedding", ops.embedding(params["model.embed_tokens.weight"], input_ids))  # (b, s, D)

@@ -199,3 +199,23 @@ def test_preset_parameter_counts_match_published_totals():
     # qwen1.md section 4; 72B confirmed by its index: total_size 144,575,840,256 bytes / 2
     counts = {n: presets()[n].preset(n).num_parameters() for n in ("qwen-7b", "qwen-14b", "qwen-72b")}
     assert counts == {"qwen-7b": 7_721_324_544, "qwen-14b": 14_167_290_880, "qwen-72b": 72_287_920_128}
+
+
+def test_training_stretches_nothing_past_seq_length(loaded, qwen_dir):
+    """The original applies dynamic NTK and logn scaling only when not training (`self.training`): the
+    training loss of a sequence past seq_length is that of the plain model, while inference stretches."""
+    from accel.train import lm_loss
+
+    model, torch_cpu, params = loaded
+    cfg = json.loads((qwen_dir / "config.json").read_text())
+    ids = np.array([PROMPT[:-1]])
+    labels = np.array([PROMPT[1:]])
+    loss = float(torch_cpu.to_numpy(lm_loss(model, torch_cpu.ops, params, torch_cpu.asarray(ids, "int64"),
+                                            torch_cpu.asarray(labels, "int64"))))
+    plain = reference(cfg, qwen_tensors(cfg, seed=2), PROMPT[:-1], alpha=1, logn=False).astype(np.float64)
+    logp = plain - plain.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = -np.mean(logp[np.arange(len(PROMPT) - 1), labels[0]])
+    assert abs(loss - want) <= 1e-5 * abs(want)
+    stretched = run(model, torch_cpu, params, PROMPT[:-1])  # inference: NTK and logn past seq_length
+    assert np.abs(stretched - plain).max() > 1e-3
