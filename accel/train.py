@@ -207,6 +207,9 @@ def train(model: Any, backend: Any, params: Mapping[str, np.ndarray], batches: I
             break
         ids, labels = np.asarray(batch["input_ids"], np.int64), np.asarray(batch["labels"], np.int64)
         check_batch(model, ids, labels)
+        if not np.any(labels != IGNORE_INDEX):  # loss 0 and gradient 0: the step would only decay the weights
+            raise UsageError(f"batch {i + 1} has no target token (every label is {IGNORE_INDEX}); the data's "
+                             "prompts fill the sequence: convert it again with a larger --seq-length")
         start = time.perf_counter()
         loss, norm, trainable, state = step_fn(trainable, frozen, state, ops.asarray(ids, "int64"),
                                                ops.asarray(labels, "int64"))

@@ -246,3 +246,23 @@ def test_training_from_converted_data_on_both_backends(tok_dir, tmp_path, capsys
     assert code == 0, err
     cli_losses = [json.loads(line)["loss"] for line in stdout.splitlines()[:3]]
     np.testing.assert_allclose(cli_losses, losses["mindspore:cpu"], rtol=1e-6)
+
+
+def test_data_with_no_target_token_is_refused_by_mindrecord_and_train(tok_dir, tmp_path, capsys):
+    from accel.errors import UsageError
+    from accel.models import from_preset
+    from accel.targets import open_target
+    from accel.train import train
+
+    rows = [{"instruction": " ".join(WORDS[:12]), "input": "", "output": " ".join(WORDS[12:16])}] * 3
+    src = write_jsonl(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "long.mindrecord"
+    code, _, err = cli(capsys, "mindrecord", "--data", str(src), "--tokenizer", str(tok_dir), "--out", str(out),
+                       "--seq-length", "4")  # every prompt fills the 4 positions: no response token remains
+    one_line_error(code, err, "keeps a target token", "--seq-length 4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.jsonl"]
+
+    model, params = from_preset("qwen2-tiny", seed=0)
+    masked = {"input_ids": np.ones((2, 8), np.int64), "labels": np.full((2, 8), -100, np.int64)}
+    with pytest.raises(UsageError, match="batch 1 has no target token"):
+        list(train(model, open_target("torch:cpu", policy={}), params, [masked], 1, 1e-2))

@@ -276,6 +276,9 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
                 progress(summary.rows, time.perf_counter() - start)
         if summary.rows == 0:
             raise DataError(f"{src} has no rows to convert" + (" (every line was skipped)" if summary.skipped else ""))
+        if summary.target_tokens == 0:  # training on it would be loss 0, gradient 0, every step
+            raise DataError(f"no row of {src} keeps a target token within --seq-length {seq_length} (each "
+                            "prompt fills it): raise --seq-length or shorten the prompts")
         writer.commit()
         for old in _existing_outputs(out):
             old.unlink()
