@@ -98,6 +98,16 @@ def test_malformed_input_ids(ids, tmp_path):
     assert_one_line_error(r, "--input-ids")
 
 
+def test_input_ids_parse_strictly():
+    from accel.commands._common import parse_ids
+    from accel.errors import UsageError
+
+    assert parse_ids(" 5, 17,33 ").tolist() == [[5, 17, 33]]
+    for bad in ["1 2", "99999999999999999999", "-3", "5,x,7", "", "1;2", "3,,4", "١٢"]:
+        with pytest.raises(UsageError, match="--input-ids"):
+            parse_ids(bad)
+
+
 def test_out_of_vocabulary_id(tmp_path):
     r = run_cli("generate", "--model", "qwen2-tiny", "--input-ids", "1,999")
     assert_one_line_error(r, "999", "vocabulary")

@@ -29,11 +29,12 @@ def add_target(p: argparse.ArgumentParser) -> None:
 
 
 def parse_ids(text: str) -> np.ndarray:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",")]
-    except ValueError:
-        raise UsageError(f"--input-ids {text!r} is not a comma-separated list of integers, e.g. 5,17,33") from None
-    return np.asarray([ids], dtype=np.int64)
+    """Comma-separated token ids ("5, 17,33"); "1 2" is refused, never read as 12."""
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.isascii() and t.isdigit() and len(t) <= 18 for t in parts):  # < 10**18 fits int64
+        raise UsageError(f"--input-ids {text[:80]!r} is not a comma-separated list of token ids (0 or more, "
+                         "below 10**18), e.g. 5,17,33")
+    return np.asarray([[int(t) for t in parts]], dtype=np.int64)
 
 
 def open_run(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], str]:
