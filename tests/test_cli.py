@@ -145,3 +145,25 @@ def test_pickle_that_would_execute_code_is_refused(tmp_path):
     r = run_cli("infer", "--model", str(d), "--input-ids", "1", "--out", str(tmp_path / "o.npy"))
     assert_one_line_error(r, "pytorch_model.bin", "safe")
     assert not marker.exists()
+
+
+def test_numbers_from_outside_are_bounded(monkeypatch):
+    """Environment and CLI numbers past what the code can hold are one-line errors, not OverflowError or
+    MemoryError from deep inside."""
+    from accel.checkpoint.convert import parse_size
+    from accel.data.mindrecord import convert
+    from accel.dist import CollectiveError, default_timeout
+    from accel.errors import AccelError, UsageError
+
+    for text in ["inf", "nan", "1e400", "-1", "0", "x", "1e9"]:
+        monkeypatch.setenv("ACCEL_DIST_TIMEOUT", text)
+        with pytest.raises(CollectiveError, match="ACCEL_DIST_TIMEOUT"):
+            default_timeout()
+    monkeypatch.setenv("ACCEL_DIST_TIMEOUT", "2.5")
+    assert default_timeout() == 2.5
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1.5 KiB") == 1536
+    for text in ["1" + "0" * 400 + "GB", "0", "0.1", "2PB", "", "1e3"]:
+        with pytest.raises(UsageError, match="--max-shard-size"):
+            parse_size(text)
+    with pytest.raises(AccelError, match="seq_length must be from 1 to"):
+        convert("unused.jsonl", "unused.mindrecord", None, 100_000_000_000)

@@ -47,10 +47,12 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(text: str) -> int:
     """'2GB' (10^9, as transformers counts), '512MiB', or a number of bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"--max-shard-size {text!r} is not a size such as 2GB, 500MB or 1GiB")
-    return int(float(m.group(1)) * UNITS[(m.group(2) or "").upper()])
+    m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    size = float(m.group(1)) * UNITS[(m.group(2) or "").upper()] if m else 0.0
+    if not 1 <= size <= 2**60:
+        raise UsageError(f"--max-shard-size {text[:40]!r} is not a size from 1 byte to 1 EiB such as 2GB, 500MB "
+                         "or 1GiB")
+    return int(size)
 
 
 def human(n: float) -> str:

@@ -147,6 +147,9 @@ class Rows:
     no_target: int
 
 
+MAX_SEQ_LENGTH = 1 << 20  # tokens a row: past the longest contexts models train at, and a row stays < 16 MB
+
+
 def encode(tokenizer: Any, samples: Sequence[Sample], seq_length: int) -> Rows:
     """Tokenised, padded rows of `samples`: prompt positions and padding are -100 in the labels."""
     n, width = len(samples), seq_length + 1
@@ -232,8 +235,8 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
     from mindspore.mindrecord import FileWriter
 
     src, out = Path(src), Path(out)
-    if seq_length < 1:
-        raise DataError(f"seq_length must be 1 or more, not {seq_length}")
+    if not 1 <= seq_length <= MAX_SEQ_LENGTH:
+        raise DataError(f"seq_length must be from 1 to {MAX_SEQ_LENGTH} (2^20), not {seq_length}")
     if not 1 <= shards <= 1000:
         raise DataError(f"shards must be between 1 and 1000 (MindRecord's limit), not {shards}")
     if not out.parent.is_dir():

@@ -151,9 +151,12 @@ def default_timeout() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value <= 0:
-        raise CollectiveError(f"ACCEL_DIST_TIMEOUT={text!r} is not a positive number of seconds")
+    if not 0 < value <= MAX_TIMEOUT:  # inf and nan too: a timedelta cannot hold them
+        raise CollectiveError(f"ACCEL_DIST_TIMEOUT={text[:40]!r} is not a number of seconds in (0, {MAX_TIMEOUT:g}]")
     return value
+
+
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: longer is a mistake, and timedelta and gloo's milliseconds hold it
 
 
 def _message(e: BaseException) -> str:
