@@ -52,18 +52,68 @@ def from_preset(name: str, seed: int = 0) -> tuple[Model, dict[str, np.ndarray]]
     return model, model.init_params(seed)
 
 
+# The families' config.json fields that size or shape the model, each checked before anything is built
+# from it: integers in a range (a float, a string, 0, or a size no machine holds is a mistake, and
+# one of 1e9 layers would hang building the parameter spec), finite positive floats, booleans.
+_INT_FIELDS: dict[str, int] = {
+    **dict.fromkeys(("num_hidden_layers", "num_layers"), 1024),
+    **dict.fromkeys(("num_attention_heads", "num_key_value_heads", "multi_query_group_num"), 4096),
+    **dict.fromkeys(("hidden_size", "kv_channels", "head_dim"), 1 << 17),
+    **dict.fromkeys(("intermediate_size", "ffn_hidden_size"), 1 << 20),
+    **dict.fromkeys(("vocab_size", "padded_vocab_size"), 1 << 24),
+    **dict.fromkeys(("seq_length", "max_position_embeddings", "model_max_length"), 1 << 31),
+}
+_FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layernorm_epsilon", "rope_theta", "rotary_emb_base",
+                 "rope_ratio", "rotary_pct")
+_BOOL_FIELDS = ("tie_word_embeddings", "use_dynamic_ntk", "use_logn_attn", "rmsnorm", "post_layer_norm", "no_bias",
+                "add_qkv_bias", "apply_residual_connection_post_layernorm", "use_sliding_window")
+
+
+def check_config(cfg: dict[str, Any], path: Path) -> None:
+    """One-line ModelError naming the field of config.json whose type or value no family accepts."""
+    for key, top in _INT_FIELDS.items():
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top):
+            raise ModelError(f"{path}: {key} is {str(v)[:40]!r}; it must be an integer from 1 to {top}")
+    for key in _FLOAT_FIELDS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf")):
+            raise ModelError(f"{path}: {key} is {str(v)[:40]!r}; it must be a finite positive number")
+    for key in _BOOL_FIELDS:
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise ModelError(f"{path}: {key} is {str(v)[:40]!r}; it must be true or false")
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ModelError(f"{path}: {key} is {str(cfg[key])[:40]!r}; it must be an object or null")
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("multi_query_group_num")
+    if heads and kv and heads % kv:
+        raise ModelError(f"{path}: num_attention_heads {heads} is not a multiple of the {kv} key/value heads")
+    hidden = cfg.get("hidden_size")
+    if heads and hidden and not cfg.get("head_dim") and not cfg.get("kv_channels") and hidden % heads:
+        raise ModelError(f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+
+
 def config_from_pretrained(directory: str | Path) -> Model:
     from accel.checkpoint.hf import read_config
 
     directory = Path(directory)
+    path = directory / "config.json"
     cfg = read_config(directory)
     model_type = cfg.get("model_type")
     if model_type is None:
-        raise ModelError(f"{directory / 'config.json'} has no model_type")
+        raise ModelError(f"{path} has no model_type")
+    if not isinstance(model_type, str):
+        raise ModelError(f"{path}: model_type is {str(model_type)[:40]!r}; it must be a string")
+    cls = family(model_type)
+    check_config(cfg, path)
     try:
-        return family(model_type).from_hf_config(cfg, name=directory.name)
+        return cls.from_hf_config(cfg, name=directory.name)
     except KeyError as e:
-        raise ModelError(f"{directory / 'config.json'} lacks field {e} that {model_type} needs") from None
+        raise ModelError(f"{path} lacks field {e} that {model_type} needs") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:  # what check_config misses
+        raise ModelError(f"{path} is not a valid {model_type} config: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
 
 
 def from_pretrained(directory: str | Path) -> tuple[Model, dict[str, np.ndarray]]:

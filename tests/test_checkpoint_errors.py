@@ -469,3 +469,36 @@ def test_source_truncated_while_copying(env, capsys, monkeypatch):
              f"{f}: ended early while reading; was it truncated while open?")
     assert 30 < len(reads) < 60  # stopped at the cut, not after reading every tensor
     assert len(os.listdir("/proc/self/fd")) == fds  # the source closed, the workers' descriptors too
+
+
+@pytest.mark.parametrize("edit, field", [
+    ('"num_attention_heads": 0', "num_attention_heads"),
+    ('"num_hidden_layers": "2"', "num_hidden_layers"),
+    ('"num_hidden_layers": 1e9', "num_hidden_layers"),
+    ('"num_attention_heads": Infinity', "num_attention_heads"),
+    ('"rope_scaling": "linear"', "rope_scaling"),
+    ('"rms_norm_eps": -1', "rms_norm_eps"),
+    ('"tie_word_embeddings": "no"', "tie_word_embeddings"),
+    ('"num_key_value_heads": 3', "key/value heads"),
+    ('"hidden_size": 66', "not a multiple of num_attention_heads"),
+    ('"model_type": 7', "model_type"),
+    ('"vocab_size": 1' + "0" * 5000, "not valid JSON"),
+    ('"x": ' + "[" * 100000 + "]" * 100000, "not valid JSON"),
+])
+def test_config_fields_of_the_wrong_type_or_range_are_named(tmp_path, capsys, edit, field):
+    """config.json fields no family accepts: a one-line error naming the field, before anything is built
+    (not a ZeroDivisionError, TypeError, AttributeError, RecursionError or a hang from inside)."""
+    from accel.cli import main
+    from tests.conftest import save_hf_qwen2
+
+    directory = save_hf_qwen2(tmp_path / "ck")
+    capsys.readouterr()  # transformers' progress bar
+    text = (directory / "config.json").read_text()
+    key = edit.split(":")[0]
+    lines = [line for line in text.rstrip().rstrip("}").rstrip().rstrip(",").splitlines()
+             if not line.strip().startswith(key)]
+    (directory / "config.json").write_text("\n".join(lines) + ",\n  " + edit + "\n}\n")
+    code = main(["infer", "--model", str(directory), "--input-ids", "1,2", "--out", str(tmp_path / "o.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and field in err, err[:500]
+    assert not (tmp_path / "o.npy").exists()

@@ -37,8 +37,8 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ModelError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")
     try:
         cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints past the digit limit
+        raise ModelError(f"{path} is not valid JSON ({str(e).splitlines()[0][:160] or type(e).__name__})") from None
     if not isinstance(cfg, dict):
         raise ModelError(f"{path} does not hold a JSON object")
     return cfg
