@@ -111,13 +111,25 @@ class GoldenRecord:
             self.manifest = json.loads(manifest.read_text())
         except (ValueError, RecursionError, UnicodeDecodeError):  # ValueError: bad JSON, or a 5000-digit number
             raise ConformanceError(f"{manifest} is not valid JSON") from None
+        if not isinstance(self.manifest, dict):
+            raise ConformanceError(f"{manifest} does not hold a JSON object; it is not a golden record's manifest")
         if self.manifest.get("format") != FORMAT:
-            raise ConformanceError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT}")
+            raise ConformanceError(f"{manifest}: format {str(self.manifest.get('format'))[:40]!r}, expected {FORMAT}")
+        cases, target = self.manifest.get("cases"), self.manifest.get("target")
+        checkpoints = self.manifest.get("checkpoints") or {}
+        if not (isinstance(cases, dict) and all(isinstance(c, dict) and isinstance(c.get("inputs", []), list)
+                                                for c in cases.values())):
+            raise ConformanceError(f"{manifest}: 'cases' must be an object of case objects; the record is damaged")
+        if not isinstance(target, str):
+            raise ConformanceError(f"{manifest}: 'target' must be a string; the record is damaged")
+        if not (isinstance(checkpoints, dict) and all(isinstance(d, dict) for d in checkpoints.values())):
+            raise ConformanceError(f"{manifest}: 'checkpoints' must be an object of digest tables; the record is "
+                                   "damaged")
         self.arrays = safetensors.SafetensorsFile(self.directory / "arrays.safetensors")
         self.keys = set(self.arrays.keys())
-        self.cases: dict[str, Any] = self.manifest["cases"]
-        self.target: str = self.manifest["target"]
-        self.checkpoints: dict[str, dict[str, str]] = self.manifest.get("checkpoints") or {}
+        self.cases: dict[str, Any] = cases
+        self.target: str = target
+        self.checkpoints: dict[str, dict[str, str]] = checkpoints
 
     def check_checkpoints(self, directories: dict[str, str]) -> None:
         """Refuses, before anything runs, a record written from checkpoint directories unless each one is

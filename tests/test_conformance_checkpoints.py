@@ -411,3 +411,20 @@ def test_a_wide_flip_names_both_tokens_as_the_tokenizer_decodes_them(tmp_path, m
     assert row.detail.startswith(f"prompt 1 position 0: token {boosted} {ref.decode([boosted])!r} instead of "
                                  f"token {reference} {ref.decode([reference])!r}, reference margin "), row.detail
     assert row.first_divergence is not None and row.first_divergence["prompt"] == 1
+
+
+def test_a_damaged_golden_manifest_is_a_one_line_error(tmp_path):
+    from accel.conformance.golden import FORMAT, GoldenRecord
+    from accel.errors import ConformanceError
+
+    record = tmp_path / "golden"
+    record.mkdir()
+    for manifest, words in [([1, 2], "does not hold a JSON object"),
+                            ({"format": FORMAT, "target": "torch:cpu"}, "'cases' must be an object"),
+                            ({"format": FORMAT, "target": "torch:cpu", "cases": []}, "'cases' must be an object"),
+                            ({"format": FORMAT, "target": 3, "cases": {}}, "'target' must be a string"),
+                            ({"format": FORMAT, "target": "t", "cases": {}, "checkpoints": ["x"]}, "'checkpoints'"),
+                            ({"format": "other"}, "expected")]:
+        (record / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ConformanceError, match=words):
+            GoldenRecord(record)
