@@ -46,13 +46,26 @@ def parse_policy(text: str | None) -> dict[str, str]:
     return policy
 
 
+POLICY_BYTES = 1 << 20  # a policy names a few dozen ops
+
+
 def _policy_from_yaml(path: Path) -> dict[str, str]:
     import yaml
 
+    if path.exists() and not path.is_file():
+        raise RoutingError(f"routing policy file {path} is not a regular file")
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.is_file() and path.stat().st_size > POLICY_BYTES:
+            raise RoutingError(f"routing policy file {path} is larger than {POLICY_BYTES} bytes; it maps op names")
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise RoutingError(f"routing policy file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise RoutingError(f"routing policy file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise RoutingError(f"cannot read routing policy file {path}: {e.strerror or e}") from None
+    except RecursionError:
+        raise RoutingError(f"routing policy file {path} nests too deeply; it is a flat mapping") from None
     except yaml.YAMLError as e:
         raise RoutingError(f"routing policy file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, Mapping) or not all(isinstance(v, str) for v in data.values()):

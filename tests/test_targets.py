@@ -93,3 +93,13 @@ def test_policy_routes_ops_and_refuses_unavailable_variants(monkeypatch):
         targets.open_target("torch:cpu", policy={"rms_norm": "fused"})  # no silent fallback
     with pytest.raises(RoutingError, match="offers"):
         targets.open_target("torch:cpu", policy={"rms_norm": "magic"})
+
+
+def test_a_routing_policy_file_that_cannot_be_one_is_a_one_line_error(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("rms_norm: r\u00e9f\n".encode("latin-1"))
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "deep.yaml").write_text("[" * 20000 + "]" * 20000)
+    for name, words in [("latin1.yaml", "not UTF-8"), ("dir.yaml", "not a regular file"),
+                        ("deep.yaml", "nests too deeply"), ("missing.yaml", "does not exist")]:
+        with pytest.raises(RoutingError, match=words):
+            parse_policy(str(tmp_path / name))
