@@ -266,3 +266,13 @@ def test_data_with_no_target_token_is_refused_by_mindrecord_and_train(tok_dir, t
     masked = {"input_ids": np.ones((2, 8), np.int64), "labels": np.full((2, 8), -100, np.int64)}
     with pytest.raises(UsageError, match="batch 1 has no target token"):
         list(train(model, open_target("torch:cpu", policy={}), params, [masked], 1, 1e-2))
+
+
+def test_lines_no_tokenizer_could_take_are_named(tok_dir, tmp_path, capsys):
+    raw = ['{"text": "a\\ud800b"}', "[" * 100000, '{"text": 1' + "0" * 5000 + "}"]
+    for i, line in enumerate(raw):
+        src = write_jsonl(tmp_path / f"bad{i}.jsonl", ROWS[:1], raw_lines=[line])
+        code, _, err = cli(capsys, "mindrecord", "--data", str(src), "--tokenizer", str(tok_dir),
+                           "--out", str(tmp_path / f"bad{i}.mindrecord"), "--seq-length", "32")
+        one_line_error(code, err, f"bad{i}.jsonl:2:", "lone surrogate" if i == 0 else "not valid JSON")
+    assert not list(tmp_path.glob("*.mindrecord*"))

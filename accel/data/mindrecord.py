@@ -88,6 +88,18 @@ def parse_line(text: str, line: int, where: str) -> Sample:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting past the stack
+        raise DataError(f"{where}:{line}: not valid JSON ({str(e).splitlines()[0][:80] or type(e).__name__})") from None
+    sample = _sample(obj, line, where)
+    try:
+        sample.prompt.encode("utf-8"), sample.response.encode("utf-8")
+    except UnicodeEncodeError as e:  # "\ud800" escapes decode to a lone surrogate, which no tokenizer takes
+        raise DataError(f"{where}:{line}: the text holds a lone surrogate ({e.object[e.start]!r}), not a "
+                        "character") from None
+    return sample
+
+
+def _sample(obj: Any, line: int, where: str) -> Sample:
     if not isinstance(obj, dict):
         raise DataError(f"{where}:{line}: a line must be a JSON object, not {type(obj).__name__}")
     if "instruction" in obj or "output" in obj:
