@@ -34,8 +34,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the command is so that its cleanup runs (a temporary output is
+    removed, never left half-written), as Ctrl-C's KeyboardInterrupt does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    previous = ({s: signal.signal(s, _terminate) for s in handled}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         return int(args.run(args) or 0)
     except AccelError as e:
@@ -44,11 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"accel {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"accel {args.command}: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # `accel scan ... | head`: the reader left; stay quiet like other tools
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -367,6 +367,40 @@ def test_output_would_overwrite_the_source(env, capsys):
     run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"safetensors:{src / 'model.safetensors'}"],
              "is part of the source")
     assert (src / "model.safetensors").read_bytes() == before
+    # the config the conversion reads beside the weights, and a file whose name the manifest would take
+    (src / "x.npz.manifest.json").write_text("{}")
+    (src / "config.json").write_text('{"architectures": []}')
+    files = {f: ((src / f).read_bytes(), (src / f).stat().st_mtime_ns) for f in ("config.json", "x.npz.manifest.json")}
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"npz:{src / 'config.json'}"],
+             "is part of the source")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"npz:{src / 'x.npz'}"],
+             "x.npz.manifest.json is part of the source")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"npz:{src / 'config.json'}", "--overwrite"],
+             "is part of the source")
+    assert {f: ((src / f).read_bytes(), (src / f).stat().st_mtime_ns) for f in files} == files
+    assert not (src / "x.npz").exists() and not [p for p in src.iterdir() if p.name.endswith(".tmp")]
+    # an existing output is replaced only with --overwrite
+    (out / "y.npz").write_bytes(b"mine")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"npz:{out / 'y.npz'}"], "already exists",
+             "--overwrite")
+    assert (out / "y.npz").read_bytes() == b"mine"
+    assert main(["convert", "--from", f"safetensors:{src}", "--to", f"npz:{out / 'y.npz'}", "--overwrite"]) == 0
+    assert (out / "y.npz").read_bytes() != b"mine"
+
+
+def test_a_stale_temporary_of_a_dead_process_is_swept(env, capsys):
+    import subprocess
+
+    tmp, src, out, _ = env
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now
+    stale = out / f".z.npz.{dead.pid}.abc.tmp"
+    stale.mkdir()
+    (stale / "z.npz").write_bytes(b"half")
+    live = out / f".z.npz.{os.getpid()}.def.tmp"  # this very process: still running, so kept
+    live.mkdir()
+    assert main(["convert", "--from", f"safetensors:{src}", "--to", f"npz:{out / 'z.npz'}"]) == 0
+    assert not stale.exists() and live.exists()
 
 
 def test_sharded_output_directory_exists(env, capsys):
@@ -502,3 +536,33 @@ def test_config_fields_of_the_wrong_type_or_range_are_named(tmp_path, capsys, ed
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and field in err, err[:500]
     assert not (tmp_path / "o.npy").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_terminated_convert_leaves_nothing_behind(tmp_path, signame):
+    """SIGTERM/SIGHUP in the middle of writing: the temporary output is removed, nothing else appears,
+    and the exit code says which signal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "big.safetensors"
+    rng = np.random.default_rng(0)
+    save_file({f"w{i}": rng.standard_normal((1024, 1024), dtype=np.float32) for i in range(96)}, str(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "accel.cli", "convert", "--from", f"safetensors:{src}",
+                             "--to", f"mindspore-ckpt:{out / 'big.ckpt'}", "--keymap", "keep"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob(".big.ckpt.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the conversion ended before its temporary output appeared"
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + getattr(signal, signame), err
+    assert f"terminated by {signame}" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []

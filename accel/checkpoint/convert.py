@@ -14,6 +14,7 @@ an output that would replace one of their files is refused.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -139,8 +140,11 @@ def find_config(source: Path, config: str | Path | None) -> Path | None:
 
 
 def source_files(reader: Reader) -> set[Path]:
+    """What the source is, resolved: its weight files, and for a directory the directory and every file
+    in it (index, config, tokenizer: an output never lands on any of them)."""
     if isinstance(reader, HFCheckpoint):
-        return {f.path.resolve() for f in reader.files.values()} | {reader.directory.resolve()}
+        return ({f.path.resolve() for f in reader.files.values()} | {reader.directory.resolve()}
+                | {f.resolve() for f in reader.directory.iterdir()})
     return {reader.path.resolve()}
 
 
@@ -428,19 +432,39 @@ def _fsync(path: Path) -> None:
 
 def _stage(path: Path) -> Path:
     """A temporary directory beside `path` for the output and its manifest until they are complete
-    (the files in it are created fresh, never truncated: ext4 flushes a truncated file on close)."""
+    (the files in it are created fresh, never truncated: ext4 flushes a truncated file on close). Its
+    name carries this process's id; one left by a process that is gone (killed with SIGKILL, or the
+    machine lost power) is swept first."""
     if not path.parent.exists():
         raise UsageError(f"directory {path.parent} does not exist")
+    sweep_stale(path)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise AccelError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def sweep_stale(path: Path) -> None:
+    """Removes the temporaries `_stage` made for `path` whose process no longer runs."""
+    prefix = f".{path.name}."
+    for entry in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or not entry.is_dir() or entry.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            continue
+
+
 def convert(source: str, output: str, *, model: str | None = None, config: str | Path | None = None,
             dtype: str | None = None, max_shard_size: str | None = None, keymap: str | None = None,
-            allow_unmapped: bool = False, progress: TextIO | None = None, progress_every: float = 2.0) -> Result:
-    """Convert `FORMAT:PATH` to `FORMAT:PATH`; see the module docstring."""
+            allow_unmapped: bool = False, progress: TextIO | None = None, progress_every: float = 2.0,
+            overwrite: bool = False) -> Result:
+    """Convert `FORMAT:PATH` to `FORMAT:PATH`; see the module docstring. An output or manifest that would
+    land on a file the conversion reads is refused, and an existing one is replaced only with `overwrite`."""
     start = time.perf_counter()
     fmt_src, src_path = parse_spec(source)
     fmt_dst, dst_path = parse_spec(output)
@@ -462,15 +486,22 @@ def convert(source: str, output: str, *, model: str | None = None, config: str |
         raise CheckpointError(f"{src_path} holds no tensors")
     if isinstance(reader, MindSporeCkptFile):
         reader.check_crc()
-    if dst_path.resolve() in source_files(reader):
-        raise UsageError(f"{dst_path} is part of the source; the source is never overwritten")
     config_path = find_config(src_path, config)
+    manifest_path = dst_path.with_name(dst_path.name + ".manifest.json")
+    reads = source_files(reader) | ({Path(config_path).resolve()} if config_path else set())
+    for target in (dst_path, manifest_path):
+        if target.resolve() in reads:
+            raise UsageError(f"{target} is part of the source (a file the conversion reads: weights, index, "
+                             "config, or another file of its directory); the source is never overwritten")
+    if not overwrite:
+        existing = next((t for t in (dst_path, manifest_path) if t.exists() or t.is_symlink()), None)
+        if existing is not None:
+            raise UsageError(f"{existing} already exists; pass --overwrite to replace it")
     cfg = load_config(config_path) if config_path else None
     planned, src_names, dst_names, family = mapping(reader, fmt_src.names, fmt_dst.names, model=model, config=cfg,
                                                     keymap=keymap, allow_unmapped=allow_unmapped)
     view = MappedView(reader, planned, dtype)
     total = sum(view.info(n).nbytes for n in view.keys())
-    manifest_path = dst_path.with_name(dst_path.name + ".manifest.json")
     stage = _stage(dst_path)
     bar = Progress(len(planned), total, progress, progress_every)
     hasher = Hasher(bar)

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="names to write: Hugging Face's, MindFormers', or keep the source's")
     p.add_argument("--allow-unmapped", action="store_true",
                    help="copy tensors the key map does not know unchanged (default: an error)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file and its manifest (never a file the conversion reads)")
     p.set_defaults(run=run)
 
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from accel.checkpoint.convert import convert, human
 
     r = convert(args.source, args.output, model=args.model, config=args.config, dtype=args.dtype,
-                max_shard_size=args.max_shard_size, keymap=args.keymap, allow_unmapped=args.allow_unmapped)
+                max_shard_size=args.max_shard_size, keymap=args.keymap, allow_unmapped=args.allow_unmapped,
+                overwrite=args.overwrite)
     names = (f"names {r.source_names} -> {r.output_names}" if r.source_names != r.output_names
              else f"names {r.output_names}")
     rules = ", ".join(f"{n} {k}" for k, n in sorted(r.rules.items()))
