@@ -276,3 +276,15 @@ def test_lines_no_tokenizer_could_take_are_named(tok_dir, tmp_path, capsys):
                            "--out", str(tmp_path / f"bad{i}.mindrecord"), "--seq-length", "32")
         one_line_error(code, err, f"bad{i}.jsonl:2:", "lone surrogate" if i == 0 else "not valid JSON")
     assert not list(tmp_path.glob("*.mindrecord*"))
+
+
+def test_the_output_never_replaces_the_data_it_reads(tok_dir, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "sft1", ROWS)
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
+    for out, extra in [(tmp_path / "sft1", ["--overwrite"]), (tmp_path / "sft", ["--overwrite", "--shards", "2"]),
+                       (tmp_path / "sft", ["--overwrite"])]:
+        code, _, err = cli(capsys, "mindrecord", "--data", str(src), "--tokenizer", str(tok_dir), "--out", str(out),
+                           "--seq-length", "32", *extra)
+        one_line_error(code, err, "is what this conversion reads")
+        assert (src.read_bytes(), src.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft1"]

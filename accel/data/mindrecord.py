@@ -256,6 +256,15 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
     if out.is_dir():
         raise DataError(f"{out} is a directory; give the output file name, e.g. {out / 'train.mindrecord'}")
     existing = _existing_outputs(out)
+    # what this conversion would write or replace must not be what it reads (`--data sft1 --out sft`: sft1
+    # is the name of shard 1 of "sft")
+    reads = {src.resolve()} | ({Path(tokenizer.path).resolve()} if getattr(tokenizer, "path", None) else set())
+    names = [f"{out.name}{i}" for i in range(shards)] if shards > 1 else [out.name]
+    written = [out.parent / n for n in names] + [out.parent / f"{n}.db" for n in names] + existing
+    clash = next((f for f in written if f.resolve() in reads), None)
+    if clash is not None:
+        raise DataError(f"{clash} is what this conversion reads (its data or tokenizer) and would be written or "
+                        "replaced; give --out another name")
     if existing and not overwrite:
         raise DataError(f"{existing[0]} already exists; pass --overwrite to replace it")
     if not src.is_file():
