@@ -566,3 +566,13 @@ def test_a_terminated_convert_leaves_nothing_behind(tmp_path, signame):
     assert proc.returncode == 128 + getattr(signal, signame), err
     assert f"terminated by {signame}" in err and "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+def test_the_ckpt_writer_refuses_a_size_its_int64_fields_cannot_hold():
+    from accel.checkpoint.mindspore_ckpt import varint
+    from accel.errors import CheckpointError
+
+    assert varint(300) == b"\xac\x02" and varint((1 << 63) - 1)[-1] == 0x7F
+    for n in [-1, 1 << 63, (1 << 64) + 5]:
+        with pytest.raises(CheckpointError, match="does not fit"):
+            varint(n)

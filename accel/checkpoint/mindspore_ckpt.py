@@ -42,8 +42,11 @@ CRC_TRAILER = 17
 
 
 def varint(n: int) -> bytes:
+    """A protobuf varint of a size: every one this writer emits (a dimension, a length) is an int64 field
+    of the format, so it must lie in [0, 2^63); masking a larger one would write a wrong file."""
+    if not 0 <= n < 1 << 63:
+        raise CheckpointError(f"a tensor dimension or length of {n} does not fit the .ckpt format's int64 fields")
     out = bytearray()
-    n &= (1 << 64) - 1  # int64 on the wire: two's complement
     while True:
         b, n = n & 0x7F, n >> 7
         out.append(b | (0x80 if n else 0))
