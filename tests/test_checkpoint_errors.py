@@ -576,3 +576,12 @@ def test_the_ckpt_writer_refuses_a_size_its_int64_fields_cannot_hold():
     for n in [-1, 1 << 63, (1 << 64) + 5]:
         with pytest.raises(CheckpointError, match="does not fit"):
             varint(n)
+
+
+@pytest.mark.parametrize("fmt", ["torch-bin", "npz", "safetensors", "mindspore-ckpt"])
+def test_a_fifo_source_is_refused_not_waited_on(tmp_path, capsys, fmt):
+    fifo = tmp_path / "weights.in"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_case(capsys, out, ["--from", f"{fmt}:{fifo}", "--to", f"npz:{out / 'x.npz'}"], "is not a regular file")

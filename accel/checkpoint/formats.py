@@ -9,7 +9,7 @@ from pathlib import Path
 from accel.checkpoint import mindspore_ckpt, npz, safetensors, torch_bin
 from accel.checkpoint.base import Entry, Reader
 from accel.checkpoint.hf import HFCheckpoint
-from accel.errors import UsageError
+from accel.errors import CheckpointError, UsageError
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ def open_reader(fmt: Format, path: Path) -> Reader:
     """A file of the format, or for safetensors/torch-bin also an HF checkpoint directory."""
     if fmt.sharded and path.is_dir():
         return HFCheckpoint(path, fmt.name)
+    if path.exists() and not path.is_file():  # a FIFO or device would block the read, or never end
+        raise CheckpointError(f"{path} is not a regular file; give a checkpoint file"
+                              + (" or directory" if fmt.sharded else ""))
     return fmt.open_file(path)
 
 

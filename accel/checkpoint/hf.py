@@ -49,7 +49,7 @@ def _shard_path(directory: Path, name: str, index: Path) -> Path:
     if directory.resolve() not in shard.parents:
         raise CheckpointError(f"{index}: shard {name!r} points outside the checkpoint directory")
     if not shard.is_file():
-        raise CheckpointError(f"{index}: shard {name} is missing from {directory}")
+        raise CheckpointError(f"{index}: shard {name!r} is missing from {directory}")
     return shard
 
 
