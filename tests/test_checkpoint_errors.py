@@ -164,7 +164,7 @@ def test_missing_shard(env, capsys):
     tmp, src, out, params = env
     sharded(src, params)
     (src / "b.safetensors").unlink()
-    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "shard b.safetensors is missing")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "shard 'b.safetensors' is missing")
 
 
 def test_index_points_outside_the_directory(env, capsys):
