@@ -585,3 +585,37 @@ def test_a_fifo_source_is_refused_not_waited_on(tmp_path, capsys, fmt):
     out = tmp_path / "out"
     out.mkdir()
     run_case(capsys, out, ["--from", f"{fmt}:{fifo}", "--to", f"npz:{out / 'x.npz'}"], "is not a regular file")
+
+
+def test_a_hub_cache_snapshot_loads_and_a_link_elsewhere_is_refused(tmp_path):
+    """transformers' cache: models--org--name/snapshots/REV/ holds links into ../../blobs/."""
+    from accel.checkpoint.base import entries_of
+    from accel.checkpoint.hf import write_directory
+    from accel.errors import CheckpointError
+    from accel.models import from_preset, from_pretrained
+    from tests.conftest import save_hf_qwen2
+
+    model, params = from_preset("qwen2-tiny")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_hf_qwen2(tmp_path / "cfg")
+    write_directory(plain, "safetensors", entries_of(params), 200_000)  # a few shards and an index
+    (plain / "config.json").write_text((tmp_path / "cfg" / "config.json").read_text())
+    root = tmp_path / "hub" / "models--team--qwen2"
+    blobs, snapshot = root / "blobs", root / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(plain.iterdir())):
+        os.replace(f, blobs / f"blob{i}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    assert len(list(snapshot.glob("*.safetensors"))) > 1
+    _, loaded = from_pretrained(snapshot)
+    assert all(np.array_equal(loaded[k], params[k]) for k in params)
+
+    shard = sorted(snapshot.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(shard.resolve(), outside)
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        from_pretrained(snapshot)

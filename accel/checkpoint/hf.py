@@ -44,9 +44,18 @@ def read_config(directory: Path) -> dict[str, Any]:
     return cfg
 
 
+def _roots(directory: Path) -> list[Path]:
+    """Where a checkpoint's shards may lie: its directory, and for a Hugging Face hub-cache snapshot
+    (models--org--name/snapshots/REV/, whose files link to ../../blobs/) that model's cache root."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots" and (directory.parent.parent / "blobs").is_dir():
+        roots.append(directory.parent.parent.resolve())
+    return roots
+
+
 def _shard_path(directory: Path, name: str, index: Path) -> Path:
     shard = (directory / name).resolve()
-    if directory.resolve() not in shard.parents:
+    if not any(root in shard.parents for root in _roots(directory)):
         raise CheckpointError(f"{index}: shard {name!r} points outside the checkpoint directory")
     if not shard.is_file():
         raise CheckpointError(f"{index}: shard {name!r} is missing from {directory}")
