@@ -327,3 +327,17 @@ def test_conformance_collectives_on_torch_and_xla(tmp_path):
         assert got[(target, "tp-qwen2-tiny", "float32")] == "pass"
         assert got[(target, "dp-step-qwen2-tiny", "float32")] == "pass"
     assert len(got) == 2 * 22
+
+
+def test_a_failed_launch_says_which_rank_in_one_line_each(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n    sys.exit(3)\n"
+                      "time.sleep(60)\n")
+    r = subprocess.run([sys.executable, "-m", "accel.cli", "launch", "--nproc", "2", "--", "python", str(script)],
+                       capture_output=True, text=True, timeout=600)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 3, r.stderr
+    assert lines[0] == "accel launch: rank 1 failed with exit code 3: see its output above", r.stderr
+    assert lines[1].startswith("accel launch: rank 0 failed with signal SIGTERM (after rank 1)"), r.stderr
+    assert len(lines) == 2 and "Traceback" not in r.stderr

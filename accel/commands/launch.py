@@ -4,7 +4,9 @@
 elastic agent), `--backend mindspore` to msrun: the ranks get exactly the environment that launcher gives
 its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ...; msrun's MS_WORKER_NUM,
 MS_SCHED_HOST, MS_SCHED_PORT, RANK_ID, ...), which `accel.dist.init()` reads, and nothing of ours runs
-between the launcher and the ranks: this process becomes the launcher (exec). A leading `python` runs
+between the launcher and the ranks: this process runs torchrun's agent itself (so that a failed job ends
+with one line per failed rank and the first failure's exit code, not a traceback), or becomes msrun
+(exec). A leading `python` runs
 under the interpreter accel runs under, so the ranks see the same installed packages; the same flags
 make a multi-node job (--nnodes, --node-rank, --master-addr, --master-port on every node).
 """
@@ -106,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.backend == "torch":
         module, argv = "torch.distributed.run", torch_argv(args, command)
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise UsageError("--backend torch needs torch, which is not installed")
+        return _torchrun(argv)
     else:
         module, argv = "mindspore.parallel.cluster.run", mindspore_argv(args, command)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -117,3 +124,32 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
     return 0  # not reached: the launcher took this process over
+
+
+def _torchrun(argv: list[str]) -> int:
+    """torchrun's elastic agent, run here (its `run`, as `python -m torch.distributed.run` does less
+    its error printer): a failed job ends with one line per failed rank, not ChildFailedError's
+    traceback, and with the first failed rank's exit code (128 + N for a signal)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    # the agent's banner and per-rank log lines; what failed is said below, once
+    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun(get_args_parser().parse_args(argv))
+    except ChildFailedError as e:
+        first_rank, first = e.get_first_failure()
+        for rank, f in sorted(e.failures.items(), key=lambda kv: (kv[0] != first_rank, kv[0])):
+            how = f"signal {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+            data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
+            message = data.get("message")
+            text = str(message.get("message", "") if isinstance(message, dict) else message or "").strip()
+            last = text.splitlines()[-1][:200] if text and text != "<NONE>" else "see its output above"
+            after = "" if rank == first_rank else f" (after rank {first_rank})"
+            print(f"accel launch: rank {rank} failed with {how}{after}: {last}", file=sys.stderr)
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode
+    return 0
