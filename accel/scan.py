@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import re
+import stat
 import tokenize
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -344,17 +345,31 @@ def scan(path: str | Path, target: str = "npu", patterns: Sequence[Pattern] | No
     report = Report(str(path), target)
     base = root if root.is_dir() else root.parent
     for file in python_files(root):
-        rel = file.relative_to(base).as_posix()
+        # a name that is not UTF-8 (its bytes kept as surrogates) is shown escaped: it still prints
+        rel = file.relative_to(base).as_posix().encode("utf-8", "backslashreplace").decode("utf-8")
         report.files += 1
         try:
+            st = file.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a link to /dev/zero never end
+                report.warnings.append({"file": rel, "line": 0, "message": "not scanned: not a regular file"})
+                continue
+            if st.st_size > MAX_SOURCE_BYTES:
+                report.warnings.append({"file": rel, "line": 0, "message": "not scanned: larger than "
+                                        f"{MAX_SOURCE_BYTES >> 20} MB, not hand-written source"})
+                continue
             with tokenize.open(file) as f:  # honours a coding cookie
-                source = f.read()
+                source = f.read(MAX_SOURCE_BYTES + 1)
             report.findings += scan_source(source, rel, patterns, target)
         except SyntaxError as e:
             report.warnings.append({"file": rel, "line": e.lineno or 0, "message": f"not scanned: {e.msg}"})
-        except (UnicodeDecodeError, ValueError, RecursionError, OSError) as e:
-            report.warnings.append({"file": rel, "line": 0, "message": f"not scanned: {e}"})
+        except (UnicodeDecodeError, ValueError, RecursionError, MemoryError, OSError) as e:
+            # MemoryError: CPython's parser on expressions nested past its stack
+            message = str(e)[:200] or type(e).__name__
+            report.warnings.append({"file": rel, "line": 0, "message": f"not scanned: {message}"})
     return report
+
+
+MAX_SOURCE_BYTES = 8 << 20  # a .py larger than this is generated or data, not code to port
 
 
 # --- output --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -190,3 +191,26 @@ def test_scanning_imports_no_framework():
     done = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_files_that_cannot_be_source_are_warnings_and_the_scan_goes_on(tmp_path, capsys):
+    """A FIFO, a .py linked to /dev/zero, a file past the size limit, nesting that overflows CPython's
+    parser, and a name that is not UTF-8: each a warning, none a hang, a crash or a traceback."""
+    from accel import scan as scan_mod
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.mkfifo(repo / "pipe.py")
+    (repo / "zero.py").symlink_to("/dev/zero")
+    (repo / "huge.py").write_text("x = 1\n" * ((scan_mod.MAX_SOURCE_BYTES // 6) + 10))
+    (repo / "deep.py").write_text("x = " + "(" * 100000 + ")" * 100000 + "\n")
+    (repo / os.fsdecode(b"caf\xe9.py")).write_text("import torch\ntorch.cuda.synchronize()\n")
+    code, out = run("scan", str(repo), "--format", "json", "--fail-on", "none", capsys=capsys)
+    report = json.loads(out)
+    warned = {w["file"]: w["message"] for w in report["summary"]["warnings"]}
+    assert code == 0 and report["summary"]["files"] == 5
+    assert "not a regular file" in warned["pipe.py"] and "not a regular file" in warned["zero.py"]
+    assert "larger than" in warned["huge.py"] and "deep.py" in warned
+    assert [f["file"] for f in report["findings"]] == ["caf\\udce9.py"]
+    code, text = run("scan", str(repo), "--fail-on", "none", capsys=capsys)
+    assert code == 0 and "caf\\udce9.py" in text
