@@ -288,3 +288,37 @@ def test_the_output_never_replaces_the_data_it_reads(tok_dir, tmp_path, capsys):
         one_line_error(code, err, "is what this conversion reads")
         assert (src.read_bytes(), src.stat().st_mtime_ns) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft1"]
+
+
+def test_a_terminated_conversion_leaves_nothing_and_a_killed_ones_leftover_is_swept(tok_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"instruction": " ".join(WORDS[i % 20:i % 20 + 6]), "input": "", "output": " ".join(WORDS[:12])}
+            for i in range(60000)]
+    src = write_jsonl(tmp_path / "big.jsonl", rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "accel.cli", "mindrecord", "--data", str(src), "--tokenizer", str(tok_dir),
+            "--out", str(out / "big.mindrecord"), "--seq-length", "64"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob(".big.mindrecord.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the conversion ended before its temporary output appeared"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated by SIGTERM" in err, err
+    assert list(out.iterdir()) == []
+
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)  # killed outright: no cleanup can run
+    while not list(out.glob(".big.mindrecord.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert list(out.glob(".big.mindrecord.*.tmp"))
+    small = write_jsonl(tmp_path / "small.jsonl", ROWS)
+    code = subprocess.run([*args[:5], str(small), *args[6:]], capture_output=True).returncode
+    assert code == 0 and not list(out.glob(".*.tmp"))  # the next run swept it

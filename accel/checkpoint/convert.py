@@ -445,7 +445,8 @@ def _stage(path: Path) -> Path:
 
 
 def sweep_stale(path: Path) -> None:
-    """Removes the temporaries `_stage` made for `path` whose process no longer runs."""
+    """Removes the temporaries made for `path` (named .NAME.PID.*.tmp beside it, by `_stage` and by the
+    MindRecord writer) whose process no longer runs."""
     prefix = f".{path.name}."
     for entry in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid = entry.name[len(prefix):].split(".", 1)[0]

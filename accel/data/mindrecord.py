@@ -272,7 +272,10 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
 
     summary = Summary()
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    from accel.checkpoint.convert import sweep_stale
+
+    sweep_stale(out)  # what a killed run left (its process is gone), named as below
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         # The writer opens its files at the first write: a file with no usable rows leaves nothing behind.
         writer = FileWriter(str(tmp / out.name), shard_num=shards, overwrite=True)
