@@ -619,3 +619,29 @@ def test_a_hub_cache_snapshot_loads_and_a_link_elsewhere_is_refused(tmp_path):
     shard.symlink_to(outside)
     with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
         from_pretrained(snapshot)
+
+
+def test_a_torch_bin_record_that_inflates_is_refused_unread(tmp_path):
+    """A deflated byteorder record that declares 64 MB (a zip bomb's shape): refused from its declared
+    size, before anything is inflated."""
+    import pickle
+    import tracemalloc
+    import zipfile
+
+    from accel.checkpoint.torch_bin import TorchBinFile
+    from accel.errors import CheckpointError
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        with z.open("archive/byteorder", "w") as f:
+            zeros = bytes(1 << 20)
+            for _ in range(64):
+                f.write(zeros)
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match="byteorder record declares"):
+        TorchBinFile(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20

@@ -125,7 +125,12 @@ class TorchBinFile(FileReader):
             if len(pkls) != 1:
                 raise CheckpointError("no data.pkl record" if not pkls else "several data.pkl records")
             prefix = pkls[0][: -len("data.pkl")]
-            if (order := records.get(prefix + "byteorder")) is not None and (value := z.read(order)) != b"little":
+            # declared sizes first: a small record that inflates to gigabytes is refused unread
+            if (order := records.get(prefix + "byteorder")) is not None and order.file_size > 16:
+                raise CheckpointError(f"the byteorder record declares {order.file_size} bytes; it holds 'little'")
+            if any(zi.compress_size > size for zi in records.values()):
+                raise CheckpointError("a record declares more bytes than the file has; the file is damaged")
+            if order is not None and (value := z.read(order)) != b"little":
                 raise CheckpointError(f"the byteorder record says {value[:16]!r}; only little-endian is supported")
             if records[pkls[0]].file_size > MAX_PICKLE:
                 raise CheckpointError("data.pkl is implausibly large")
