@@ -645,3 +645,12 @@ def test_a_torch_bin_record_that_inflates_is_refused_unread(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 16 << 20
+
+
+def test_a_convert_config_with_impossible_sizes_is_named(env, capsys):
+    tmp, src, out, _ = env
+    for text, words in [('{"num_attention_heads": Infinity}', "num_attention_heads"),
+                        ('{"hidden_size": "64"}', "hidden_size"), ("[" * 100000, "not a readable JSON config")]:
+        bad = tmp / "bad.json"
+        bad.write_text(text)
+        run_case(capsys, out, ["--from", f"safetensors:{src}", "--config", str(bad), *to(out)], words)

@@ -124,10 +124,14 @@ def load_config(path: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path} is not a readable JSON config ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ModelError(f"{path} is not a readable JSON config ({reason})") from None
     if not isinstance(cfg, dict):
         raise ModelError(f"{path} does not hold a JSON object")
+    from accel.models import check_config
+
+    check_config(cfg, path)  # the sizes the key map splits fused tensors by
     return cfg
 
 
