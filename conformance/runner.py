@@ -161,8 +161,7 @@ def plan_jobs(cases: Iterable[str], models: Iterable[str], dtypes: Iterable[str]
                 jobs += [("inference", m, d) for m in models if d in dtypes_of(m)]
         elif case == "generation":
             # a preset's generation is judged at float32; a directory's at its dtype (see cases.py)
-            jobs += [("generation", m, d) for m in models for d in dtypes_of(m)
-                     if d == "float32" or (m in directories and dtypes is None)]
+            jobs += [("generation", m, d) for m in models for d in dtypes_of(m) if d == "float32" or m in directories]
         else:
             module = next(m for m in case_modules() if case in m.CASE_KINDS)
             if case == "training":

@@ -14,7 +14,6 @@ an output that would replace one of their files is refused.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -22,7 +21,6 @@ import queue
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -40,6 +38,7 @@ from accel.checkpoint.hf import HFCheckpoint, write_directory
 from accel.checkpoint.keymap import SIDES, KeyMap, MappedView, Planned, resolve_family
 from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
 from accel.errors import AccelError, CheckpointError, ModelError, UsageError
+from accel.staging import stage_dir
 
 DEFAULT_SHARD = 5 * 10**9  # save_pretrained's default max_shard_size, "5GB"
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -436,32 +435,13 @@ def _fsync(path: Path) -> None:
 
 def _stage(path: Path) -> Path:
     """A temporary directory beside `path` for the output and its manifest until they are complete
-    (the files in it are created fresh, never truncated: ext4 flushes a truncated file on close). Its
-    name carries this process's id; one left by a process that is gone (killed with SIGKILL, or the
-    machine lost power) is swept first."""
+    (the files in it are created fresh, never truncated: ext4 flushes a truncated file on close)."""
     if not path.parent.exists():
         raise UsageError(f"directory {path.parent} does not exist")
-    sweep_stale(path)
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+        return stage_dir(path)
     except OSError as e:
         raise AccelError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def sweep_stale(path: Path) -> None:
-    """Removes the temporaries made for `path` (named .NAME.PID.*.tmp beside it, by `_stage` and by the
-    MindRecord writer) whose process no longer runs."""
-    prefix = f".{path.name}."
-    for entry in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = entry.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or not entry.is_dir() or entry.is_symlink():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:  # another user's live process
-            continue
 
 
 def convert(source: str, output: str, *, model: str | None = None, config: str | Path | None = None,

@@ -132,9 +132,11 @@ def _torchrun(argv: list[str]) -> int:
     traceback, and with the first failed rank's exit code (128 + N for a signal)."""
     import logging
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser
-    from torch.distributed.run import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import (
+        ChildFailedError,  # framework-import-ok: lazy, only for --backend torch
+    )
+    from torch.distributed.run import get_args_parser  # framework-import-ok: lazy, only for --backend torch
+    from torch.distributed.run import run as torchrun  # framework-import-ok: lazy, only for --backend torch
 
     # the agent's banner and per-rank log lines; what failed is said below, once
     logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)

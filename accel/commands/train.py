@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,9 @@ def _check_save(save: str | None, model_spec: str, lora: Any) -> Path | None:
 
 def _save(path: Path, write: Any) -> None:
     """write(tmp_dir), then tmp_dir renamed to `path`: no half-written checkpoint."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    from accel.staging import stage_dir
+
+    tmp = stage_dir(path)
     try:
         write(tmp)
         if path.exists():

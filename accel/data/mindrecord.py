@@ -25,7 +25,6 @@ import os
 import queue
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -272,10 +271,9 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
 
     summary = Summary()
     start = time.perf_counter()
-    from accel.checkpoint.convert import sweep_stale
+    from accel.staging import stage_dir
 
-    sweep_stale(out)  # what a killed run left (its process is gone), named as below
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    tmp = stage_dir(out)
     try:
         # The writer opens its files at the first write: a file with no usable rows leaves nothing behind.
         writer = FileWriter(str(tmp / out.name), shard_num=shards, overwrite=True)
