@@ -31,3 +31,11 @@ def sweep_stale(path: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         except PermissionError:  # another user's live process
             continue
+
+
+def discard_staged(path: Path) -> None:
+    """Removes every temporary this process staged for `path`: for a command's `finally`, so that even a
+    signal arriving between the directory's creation and its use leaves nothing behind."""
+    prefix = f".{path.name}.{os.getpid()}."
+    for entry in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        shutil.rmtree(entry, ignore_errors=True)

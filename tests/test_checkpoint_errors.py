@@ -397,9 +397,14 @@ def test_a_stale_temporary_of_a_dead_process_is_swept(env, capsys):
     stale = out / f".z.npz.{dead.pid}.abc.tmp"
     stale.mkdir()
     (stale / "z.npz").write_bytes(b"half")
-    live = out / f".z.npz.{os.getpid()}.def.tmp"  # this very process: still running, so kept
+    running = subprocess.Popen(["sleep", "60"])  # another conversion, still running: its temporary is kept
+    live = out / f".z.npz.{running.pid}.def.tmp"
     live.mkdir()
-    assert main(["convert", "--from", f"safetensors:{src}", "--to", f"npz:{out / 'z.npz'}"]) == 0
+    try:
+        assert main(["convert", "--from", f"safetensors:{src}", "--to", f"npz:{out / 'z.npz'}"]) == 0
+    finally:
+        running.kill()
+        running.wait()
     assert not stale.exists() and live.exists()
 
 

@@ -38,7 +38,7 @@ from accel.checkpoint.hf import HFCheckpoint, write_directory
 from accel.checkpoint.keymap import SIDES, KeyMap, MappedView, Planned, resolve_family
 from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
 from accel.errors import AccelError, CheckpointError, ModelError, UsageError
-from accel.staging import stage_dir
+from accel.staging import discard_staged, stage_dir
 
 DEFAULT_SHARD = 5 * 10**9  # save_pretrained's default max_shard_size, "5GB"
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -487,10 +487,10 @@ def convert(source: str, output: str, *, model: str | None = None, config: str |
                                                     keymap=keymap, allow_unmapped=allow_unmapped)
     view = MappedView(reader, planned, dtype)
     total = sum(view.info(n).nbytes for n in view.keys())
-    stage = _stage(dst_path)
     bar = Progress(len(planned), total, progress, progress_every)
     hasher = Hasher(bar)
     try:
+        stage = _stage(dst_path)
         writeback = Writeback(stage)
         entries = [Entry(n, view.info(n), _stream(view, n, hasher, writeback), _spans(view, n, hasher))
                    for n in view.keys()]
@@ -524,6 +524,6 @@ def convert(source: str, output: str, *, model: str | None = None, config: str |
         raise AccelError(f"cannot write {dst_path}: {e.strerror or e}") from None
     finally:
         hasher.close()
-        shutil.rmtree(stage, ignore_errors=True)
+        discard_staged(dst_path)
     return Result(dst_path, manifest_path, len(planned), total, time.perf_counter() - start, src_names, dst_names,
                   family, dict(Counter(p.rule for p in planned)), config_path)

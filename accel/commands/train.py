@@ -72,10 +72,10 @@ def _check_save(save: str | None, model_spec: str, lora: Any) -> Path | None:
 
 def _save(path: Path, write: Any) -> None:
     """write(tmp_dir), then tmp_dir renamed to `path`: no half-written checkpoint."""
-    from accel.staging import stage_dir
+    from accel.staging import discard_staged, stage_dir
 
-    tmp = stage_dir(path)
     try:
+        tmp = stage_dir(path)
         write(tmp)
         if path.exists():
             path.rmdir()  # checked empty before training
@@ -83,7 +83,7 @@ def _save(path: Path, write: Any) -> None:
     except OSError as e:
         raise AccelError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staged(path)
 
 
 def _line(step: int, steps: int, loss: float, norm: float, seconds: float) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -271,10 +270,10 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
 
     summary = Summary()
     start = time.perf_counter()
-    from accel.staging import stage_dir
+    from accel.staging import discard_staged, stage_dir
 
-    tmp = stage_dir(out)
     try:
+        tmp = stage_dir(out)
         # The writer opens its files at the first write: a file with no usable rows leaves nothing behind.
         writer = FileWriter(str(tmp / out.name), shard_num=shards, overwrite=True)
         writer.add_schema(SCHEMA, "accel_sft")
@@ -312,7 +311,7 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
             os.replace(f, out.parent / f.name)
         summary.files = tuple(str(out.parent / f.name) for f in written if not f.name.endswith(".db"))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staged(out)
     summary.seconds = time.perf_counter() - start
     return summary
 
