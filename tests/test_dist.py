@@ -227,10 +227,10 @@ def test_an_unreachable_master_is_a_clear_error(faults):
 
 
 def test_a_mindspore_watchdog_ends_an_overrunning_call(tmp_path):
-    """MindSpore's collectives block in C++; the watchdog must end the rank with one line."""
-    code = ("import time\nfrom accel.dist._mindspore import MindSporeCollectives, _Watchdog\n"
+    """MindSpore's collectives block in C++; the bound must end the rank with one line."""
+    code = ("import time\nfrom accel.dist._mindspore import MindSporeCollectives, _Bounded\n"
             "c = MindSporeCollectives.__new__(MindSporeCollectives); c.timeout, c.rank, c.world_size = 0.5, 1, 2\n"
-            "with _Watchdog(c, 'all_gather'):\n    time.sleep(30)\nprint('not reached')\n")
+            "with _Bounded(c, 'all_gather'):\n    time.sleep(30)\nprint('not reached')\n")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == dist.TIMEOUT_EXIT_CODE and time.monotonic() - start < 20

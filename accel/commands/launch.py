@@ -5,10 +5,10 @@ elastic agent), `--backend mindspore` to msrun: the ranks get exactly the enviro
 its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ...; msrun's MS_WORKER_NUM,
 MS_SCHED_HOST, MS_SCHED_PORT, RANK_ID, ...), which `accel.dist.init()` reads, and nothing of ours runs
 between the launcher and the ranks: this process runs torchrun's agent itself (so that a failed job ends
-with one line per failed rank and the first failure's exit code, not a traceback), or becomes msrun
-(exec). A leading `python` runs
-under the interpreter accel runs under, so the ranks see the same installed packages; the same flags
-make a multi-node job (--nnodes, --node-rank, --master-addr, --master-port on every node).
+with one line per failed rank and the first failure's exit code, not a traceback), or msrun's process
+manager, the same way. A leading `python` runs under the interpreter accel runs under, so the ranks see
+the same installed packages; the same flags make a multi-node job (--nnodes, --node-rank, --master-addr,
+--master-port on every node).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -105,25 +106,20 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc and --nnodes must be 1 or more, not {args.nproc} and {args.nnodes}")
     if not 0 <= args.node_rank < args.nnodes:
         raise UsageError(f"--node-rank {args.node_rank} is not in 0..{args.nnodes - 1}")
-    env = dict(os.environ)
     if args.backend == "torch":
-        module, argv = "torch.distributed.run", torch_argv(args, command)
+        argv = torch_argv(args, command)
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
             raise UsageError("--backend torch needs torch, which is not installed")
         return _torchrun(argv)
-    else:
-        module, argv = "mindspore.parallel.cluster.run", mindspore_argv(args, command)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    argv = mindspore_argv(args, command)
     import importlib.util
 
-    if importlib.util.find_spec(module.partition(".")[0]) is None:
-        raise UsageError(f"--backend {args.backend} needs {module.partition('.')[0]}, which is not installed")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
-    return 0  # not reached: the launcher took this process over
+    if importlib.util.find_spec("mindspore") is None:
+        raise UsageError("--backend mindspore needs mindspore, which is not installed")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return _msrun(argv)
 
 
 def _torchrun(argv: list[str]) -> int:
@@ -154,4 +150,48 @@ def _torchrun(argv: list[str]) -> int:
             after = "" if rank == first_rank else f" (after rank {first_rank})"
             print(f"accel launch: rank {rank} failed with {how}{after}: {last}", file=sys.stderr)
         return first.exitcode if first.exitcode > 0 else 128 - first.exitcode
+    return 0
+
+
+def _msrun(argv: list[str]) -> int:
+    """msrun's process manager, run here (what `msrun` runs, less its traceback): when a worker fails,
+    msrun kills the others and raises; this says instead, one line each, which rank failed first with
+    which exit code and which were ended after it, and returns the first failure's exit code."""
+    import logging
+
+    import mindspore.log  # framework-import-ok: lazy, only for --backend mindspore
+    from mindspore.parallel.cluster.process_entity import (
+        _ProcessManager,  # framework-import-ok: lazy, only for --backend mindspore
+    )
+    from mindspore.parallel.cluster.run import get_args  # framework-import-ok: lazy, only for --backend mindspore
+
+    sys.argv = ["msrun", *argv]
+    manager = _ProcessManager(get_args())
+    mindspore.log._get_logger().setLevel(logging.CRITICAL)  # its "worker exit with exception" lines: said below
+    before_kill: list[int | None] = []
+    kill = manager.kill_worker_processes
+
+    def snapshot_then_kill() -> None:  # which workers had ended on their own when msrun ends the rest
+        before_kill[:] = [p.poll() for p in manager.cgn_processes]
+        kill()
+
+    manager.kill_worker_processes = snapshot_then_kill
+    try:
+        manager.run()
+    except RuntimeError:
+        codes = before_kill or [p.poll() for p in manager.cgn_processes]
+        names = [manager._get_node_id_and_log_path(i) for i in range(len(codes))]  # (rank, its log)
+        failed = [(names[i][0], code, names[i][1]) for i, code in enumerate(codes) if code]
+        for rank, code, log in failed:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            print(f"accel launch: rank {rank} failed with {how}: see {log}", file=sys.stderr)
+        after = f" (after rank {failed[0][0]})" if failed else ""
+        for (rank, _), code in zip(names, codes):
+            if code is None:
+                print(f"accel launch: rank {rank} was ended by msrun{after}", file=sys.stderr)
+        if manager.msn_process is not None and manager.msn_process.returncode:
+            print(f"accel launch: msrun's scheduler failed with exit code {manager.msn_process.returncode}: "
+                  f"see {manager.log_dir}/scheduler.log", file=sys.stderr)
+        first = failed[0][1] if failed else 1
+        return first if first > 0 else 128 - first
     return 0

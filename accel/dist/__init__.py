@@ -38,9 +38,11 @@ Timeouts: every call waits at most `timeout` seconds (init's argument, else ACCE
 collective honours (the call raises; the call path stays raw torch.distributed's), send/recv wait with
 `work.wait(timeout)`, and barrier is gloo's monitored_barrier, which names the ranks that did not
 arrive; a peer that dies mid-collective closes its sockets and the others fail at once. On NCCL/HCCL
-the same timeout arms the process group's watchdog, which aborts the communicator. MindSpore
-collectives cannot be interrupted from Python, so a watchdog thread ends the rank with a one-line error
-when a call overruns. Either way a dead rank is an error within the timeout, never a hang.
+the same timeout arms the process group's watchdog, which aborts the communicator. MindSpore queues
+a collective and returns before it has run, so each call is followed by a sync of its executor: a
+failure MindSpore reports becomes a CollectiveError there, and since the call cannot be interrupted from
+Python, a timer thread ends the rank with a one-line error (exit 124) when it overruns. Either way a
+dead rank is an error within the timeout, never a hang.
 
 This module holds the shared surface (`Collectives`), the launch environment and the process-wide
 world; each engine is a module of its own (`_torch`, `_mindspore`, `_xla`) that imports its framework

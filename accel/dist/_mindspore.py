@@ -22,9 +22,13 @@ from accel.dist import (
 )
 
 
-class _Watchdog:
-    """Ends the process with a one-line error when the body overruns: MindSpore's collectives block in
-    C++ and cannot be interrupted from Python."""
+class _Bounded:
+    """One collective, bounded: MindSpore queues the call and returns at once (a failure surfaced later,
+    from whatever next read the tensor, ~30 s after a peer stopped answering), so the body is followed
+    by a sync of MindSpore's executor inside the bound: `_pynative_executor.sync()`, private, because
+    the public `mindspore.runtime.synchronize()` does not support the CPU device. A MindSpore failure
+    becomes a CollectiveError; an overrun ends the process with a one-line error, since the call blocks
+    in C++ and cannot be interrupted from Python."""
 
     def __init__(self, owner: Collectives, what: str):
         self.owner, self.what = owner, what
@@ -34,8 +38,20 @@ class _Watchdog:
         self.timer.daemon = True
         self.timer.start()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.timer.cancel()
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        try:
+            if kind is None:
+                from mindspore.common.api import _pynative_executor
+
+                try:
+                    _pynative_executor.sync()
+                except RuntimeError as failed:
+                    e = failed
+            if isinstance(e, RuntimeError):
+                raise CollectiveError(f"{self.what} failed on rank {self.owner.rank} of {self.owner.world_size}: "
+                                      f"{_message(e)}; a peer rank may have died or hangs (see its log)") from None
+        finally:
+            self.timer.cancel()
 
     def _fire(self) -> None:
         sys.stderr.write(f"accel.dist: error: {self.owner._timed_out(self.what)}; ending this rank\n")
@@ -81,13 +97,13 @@ class MindSporeCollectives(Collectives):
     def all_reduce(self, x: Any, op: str = "sum") -> Any:
         op = self._op(op)
         x = x.copy()  # mint's all_reduce works in place: leave the caller's tensor alone
-        with _Watchdog(self, f"all_reduce({op})"):
+        with _Bounded(self, f"all_reduce({op})"):
             self._mdist.all_reduce(x, op="sum" if op == "avg" else op, group=self.group)
         return self._divide(x) if op == "avg" else x
 
     def all_gather(self, x: Any, axis: int = 0) -> Any:
         scalar = x.ndim == 0
-        with _Watchdog(self, "all_gather"):
+        with _Bounded(self, "all_gather"):
             out = self._gather(x.reshape(1) if scalar else self._moved(x, axis))
         return out if scalar else self._back(out, axis)
 
@@ -101,7 +117,7 @@ class MindSporeCollectives(Collectives):
     def broadcast(self, x: Any, src: int = 0) -> Any:
         src = self._peer(src, "broadcast source")
         x = x.copy()
-        with _Watchdog(self, f"broadcast from rank {src}"):
+        with _Bounded(self, f"broadcast from rank {src}"):
             self._mdist.broadcast(x, src=self._ranks[src], group=self.group)
         return x
 
@@ -115,21 +131,21 @@ class MindSporeCollectives(Collectives):
         return self._back(self._ops.concat(pieces, 0), axis)
 
     def barrier(self) -> None:
-        with _Watchdog(self, "barrier"):
+        with _Bounded(self, "barrier"):
             self._mdist.barrier(group=self.group)
 
     def _pair(self, a: int, b: int) -> str:
         key = (min(self._ranks[a], self._ranks[b]), max(self._ranks[a], self._ranks[b]))
         if key not in self._pairs:  # both ends of a send/recv reach here together, so both create it
             name = f"accel_p2p_{key[0]}_{key[1]}"
-            with _Watchdog(self, f"creating the group of ranks {key}"):
+            with _Bounded(self, f"creating the group of ranks {key}"):
                 self._comm.create_group(name, list(key))
             self._pairs[key] = name
         return self._pairs[key]
 
     def send(self, x: Any, dst: int) -> None:
         dst = self._peer(dst, "send to")
-        with _Watchdog(self, f"send to rank {dst}"):
+        with _Bounded(self, f"send to rank {dst}"):
             if self._native:
                 self._mdist.send(x, dst=self._ranks[dst], group=self.group)
             else:
@@ -138,7 +154,7 @@ class MindSporeCollectives(Collectives):
     def recv(self, x: Any, src: int) -> Any:
         src = self._peer(src, "receive from")
         x = x.copy()
-        with _Watchdog(self, f"recv from rank {src}"):
+        with _Bounded(self, f"recv from rank {src}"):
             if self._native:
                 self._mdist.recv(x, src=self._ranks[src], group=self.group)
             else:
@@ -151,7 +167,7 @@ class MindSporeCollectives(Collectives):
         _check_partition(groups, self.world_size)
         mine = [self._ranks[r] for r in next(g for g in groups if self.rank in g)]
         name = "accel_group_" + "_".join(map(str, mine))
-        with _Watchdog(self, f"creating the group of ranks {mine}"):
+        with _Bounded(self, f"creating the group of ranks {mine}"):
             self._comm.create_group(name, mine)
         return MindSporeCollectives(self.library, self.timeout, name, mine)
 
@@ -167,8 +183,12 @@ def _init_mindspore(info: LaunchInfo, backend: str | None, timeout: float) -> Mi
                               f"library for it ({backend or MINDSPORE_BACKENDS})")
     if os.environ.get("MS_ROLE") == "MS_SCHED":
         # msrun runs the script in its scheduler process too, where MindSpore's init is the scheduler:
-        # it serves the workers and ends the process with the job
-        comm.init(wanted[target])
+        # it serves the workers and ends the process with the job (failed when a worker did)
+        try:
+            comm.init(wanted[target])
+        except RuntimeError as e:
+            sys.stderr.write(f"accel.dist: error: MindSpore's scheduler ended the job: {_message(e)}\n")
+            sys.exit(1)
         sys.exit(0)
     try:  # joining the cluster is bounded by msrun's own --cluster_time_out (MS_TOPO_TIMEOUT)
         comm.init(wanted[target])
