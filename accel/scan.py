@@ -5,6 +5,8 @@ node_modules skipped) is parsed with `ast`, never imported or run. The patterns 
 severity, replacement and reason are data: accel/scan_patterns.yaml. Names are resolved through the
 file's imports (`import torch as th`, `from torch import cuda`), so a local variable or function called
 `cuda`, an attribute `.cuda` that is not called, and "cuda" in a comment or docstring are not findings.
+A file whose text holds nothing any pattern could match (`Triggers`) is not parsed at all: most of a
+large generated file's cost was the parse.
 """
 
 from __future__ import annotations
@@ -140,12 +142,19 @@ def load_patterns(path: str | Path | None = None) -> list[Pattern]:
 # --- one file ------------------------------------------------------------------------------------------
 
 
-def _aliases(tree: ast.AST) -> dict[str, str]:
-    """Local name -> the qualified name an import bound it to. `torch` means torch unless the file
-    binds it to something else."""
+def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Every statement, nested ones too (imports are statements: no expression needs walking)."""
+    for node in body:
+        yield node
+        for block in (getattr(node, "body", []), getattr(node, "orelse", []), getattr(node, "finalbody", []),
+                      *(h.body for h in getattr(node, "handlers", [])), *(c.body for c in getattr(node, "cases", []))):
+            yield from _statements(block)
+
+
+def _aliases(tree: ast.Module) -> dict[str, str]:
+    """Local name -> the qualified name an import bound it to."""
     out: dict[str, str] = {}
-    rebound = False
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.asname:
@@ -157,18 +166,17 @@ def _aliases(tree: ast.AST) -> dict[str, str]:
             for a in node.names:
                 if a.name != "*":
                     out[a.asname or a.name] = f"{node.module}.{a.name}"
-        elif isinstance(node, ast.Name) and node.id == "torch" and isinstance(node.ctx, ast.Store):
-            rebound = True
-    if not rebound:
-        out.setdefault("torch", "torch")
     return out
 
 
 class _FileScanner(ast.NodeVisitor):
-    def __init__(self, patterns: Sequence[Pattern], target: str, aliases: dict[str, str], file: str):
+    def __init__(self, patterns: Sequence[Pattern], target: str, aliases: dict[str, str], file: str,
+                 memo: dict[tuple[Any, ...], Pattern | None]):
         self.patterns, self.target, self.aliases, self.file = patterns, target, aliases, file
+        self.memo = memo  # (kind, what matched) -> its first pattern, shared by the files of one scan
         self.compared: set[int] = set()  # ids of string nodes that are compared against
         self.findings: dict[tuple[int, str], Finding] = {}
+        self.torch_bound = False  # the file assigns the name torch
 
     def qualname(self, node: ast.AST) -> str | None:
         parts = []
@@ -179,15 +187,22 @@ class _FileScanner(ast.NodeVisitor):
             return None
         return ".".join([self.aliases[node.id], *reversed(parts)])
 
-    def report(self, node: ast.AST, code: str, matches: Any) -> None:
-        """The first pattern (table order) for which matches(pattern) holds becomes a finding."""
-        for p in self.patterns:
-            if matches(p):
-                rule = p.rules[self.target]
-                line = getattr(node, "lineno", 0)
-                self.findings.setdefault((line, p.id), Finding(self.file, line, p.id, rule.severity,
-                                                               rule.replacement, code))
-                return
+    def report(self, node: ast.AST, code: str, matches: Any, key: tuple[Any, ...] | None = None) -> None:
+        """The first pattern (table order) for which matches(pattern) holds becomes a finding. `key`
+        says what matches depends on, when that is all it depends on: the answer is then looked up once."""
+        if key is None or key not in self.memo:
+            first = next((p for p in self.patterns if matches(p)), None)
+            if key is None:
+                return self._found(node, code, first)
+            self.memo[key] = first
+        self._found(node, code, self.memo[key])
+
+    def _found(self, node: ast.AST, code: str, p: Pattern | None) -> None:
+        if p is not None:
+            rule = p.rules[self.target]
+            line = getattr(node, "lineno", 0)
+            self.findings.setdefault((line, p.id), Finding(self.file, line, p.id, rule.severity,
+                                                           rule.replacement, code))
 
     @staticmethod
     def _under(name: str, prefixes: Sequence[str]) -> bool:
@@ -196,7 +211,7 @@ class _FileScanner(ast.NodeVisitor):
     # imports
     def visit_Import(self, node: ast.Import) -> None:
         for a in node.names:
-            self.report(node, f"import {a.name}", lambda p, m=a.name: self._under(m, p.imports))
+            self.report(node, f"import {a.name}", lambda p, m=a.name: self._under(m, p.imports), ("import", a.name))
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level or not node.module:  # relative imports are the repository's own modules
@@ -204,29 +219,33 @@ class _FileScanner(ast.NodeVisitor):
         for a in node.names:
             module = node.module if a.name == "*" else f"{node.module}.{a.name}"
             self.report(node, f"from {node.module} import {a.name}",
-                        lambda p, m=module: self._under(m, p.imports))
+                        lambda p, m=module: self._under(m, p.imports), ("import", module))
 
     # names, calls, decorators
     def visit_Name(self, node: ast.Name) -> None:
+        if node.id == "torch" and isinstance(node.ctx, ast.Store):
+            self.torch_bound = True
         q = self.aliases.get(node.id)
         if q:
-            self.report(node, q, lambda p: self._under(q, p.names))
+            self.report(node, q, lambda p: self._under(q, p.names), ("name", q))
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         q = self.qualname(node)
         if q is None:
             self.generic_visit(node)
         else:  # the outermost resolved name only: torch.cuda.amp.autocast, not torch.cuda as well
-            self.report(node, q, lambda p: self._under(q, p.names))
+            self.report(node, q, lambda p: self._under(q, p.names), ("name", q))
 
     def visit_Call(self, node: ast.Call) -> None:
         q = self.qualname(node.func)
-        if q:
+        if q and ("call", q) not in self.memo:  # whether any pattern calls q at all
+            self.memo["call", q] = next((p for p in self.patterns if any(c.name == q for c in p.calls)), None)
+        if q and self.memo["call", q]:
             self.report(node, f"{q}(...)", lambda p: any(self._call_matches(c, q, node) for c in p.calls))
         if isinstance(node.func, ast.Attribute):
             if not (q or "").startswith("torch."):  # torch.cuda(...) is the module, not a .cuda() method
                 attr = node.func.attr
-                self.report(node, f".{attr}()", lambda p: attr in p.method_call)
+                self.report(node, f".{attr}()", lambda p: attr in p.method_call, ("method", attr))
             if node.func.attr in ("startswith", "endswith"):
                 self.compared.update(id(a) for a in node.args)
         self.generic_visit(node)
@@ -250,7 +269,7 @@ class _FileScanner(ast.NodeVisitor):
         for d in node.decorator_list:
             q = self.qualname(d.func if isinstance(d, ast.Call) else d)
             if q:
-                self.report(d, f"@{q}", lambda p, q=q: q in p.decorators)
+                self.report(d, f"@{q}", lambda p, q=q: q in p.decorators, ("decorator", q))
         self.generic_visit(node)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _decorated
@@ -273,24 +292,71 @@ class _FileScanner(ast.NodeVisitor):
         if isinstance(node.value, str):
             value, compared = node.value, id(node) in self.compared
             self.report(node, repr(value), lambda p: (compared or not p.compare)
-                        and any(r.fullmatch(value) for r in p.strings))
+                        and any(r.fullmatch(value) for r in p.strings), ("string", value, compared))
 
     def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
         # An f-string is judged by its shape, f"cuda:{rank}" -> "cuda:{}": a log message that mentions
         # nccl is text, a device string built from a rank is a value.
         shape = "".join(str(v.value) if isinstance(v, ast.Constant) else "{}" for v in node.values)
         compared = id(node) in self.compared
-        self.report(node, f"f{shape!r}", lambda p: (compared or not p.compare) and shape in p.fstrings)
+        self.report(node, f"f{shape!r}", lambda p: (compared or not p.compare) and shape in p.fstrings,
+                    ("fstring", shape, compared))
         for v in node.values:
             if isinstance(v, ast.FormattedValue):
                 self.visit(v.value)
 
 
-def scan_source(source: str, file: str, patterns: Sequence[Pattern], target: str) -> list[Finding]:
+class Triggers:
+    """What a source's text must contain for any pattern to match in it: a name's last component as a
+    word (every component of a resolved name is spelled in the file, in an import or at the use), a
+    method, an f-string's literal part, or what a string pattern requires. A file with none of them is
+    not parsed: a string spelled with escapes or split across adjacent literals ("cu" "da") is not seen
+    in it. Each is a plain substring test first, a regular expression only where that finds something."""
+
+    def __init__(self, patterns: Sequence[Pattern]):
+        words = {n.rsplit(".", 1)[-1] for p in patterns
+                 for n in (*p.names, *p.imports, *p.decorators, *(c.name for c in p.calls), *p.method_call)}
+        self.words = {w: re.compile(rf"\b{re.escape(w)}\b") for w in sorted(words)}
+        self.pieces = sorted({max(f.split("{}"), key=len) for p in patterns for f in p.fstrings} - {""})
+        self.strings = [(_required(r.pattern), r) for p in patterns for r in p.strings]
+
+    def __call__(self, text: str) -> bool:
+        return (any(w in text and r.search(text) for w, r in self.words.items())
+                or any(piece in text for piece in self.pieces)
+                or any((need is None or need in text) and r.search(text) for need, r in self.strings))
+
+
+def _required(regex: str) -> str | None:
+    """The longest literal run every match of `regex` contains, found conservatively (outside groups,
+    not quantified, no alternation), or None."""
+    if "|" in regex or "\\" in regex.replace("\\d", "").replace("\\w", "").replace("\\s", ""):
+        return None
+    runs, depth, run = [], 0, ""
+    for i, ch in enumerate(regex):
+        quantified = regex[i + 1: i + 2] in ("?", "*", "+", "{")
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if depth == 0 and (ch.isalnum() or ch in ":_-,") and not quantified and regex[i - 1: i] != "\\":
+            run += ch
+        else:
+            runs.append(run)
+            run = ""
+    return max([*runs, run], key=len) or None
+
+
+def scan_source(source: str, file: str, patterns: Sequence[Pattern], target: str,
+                memo: dict[tuple[Any, ...], Pattern | None] | None = None) -> list[Finding]:
     """Findings in one file's source. Raises SyntaxError (or ValueError for NUL bytes) when it does not parse."""
     tree = ast.parse(source, filename=file)
-    scanner = _FileScanner(patterns, target, _aliases(tree), file)
+    aliases, memo = _aliases(tree), {} if memo is None else memo
+    imported = "torch" in aliases
+    scanner = _FileScanner(patterns, target, {"torch": "torch", **aliases}, file, memo)
     scanner.visit(tree)
+    if scanner.torch_bound and not imported:  # `torch` means torch unless the file binds it otherwise
+        scanner = _FileScanner(patterns, target, aliases, file, memo)
+        scanner.visit(tree)
     return sorted(scanner.findings.values(), key=lambda f: (f.line, f.pattern))
 
 
@@ -344,6 +410,7 @@ def scan(path: str | Path, target: str = "npu", patterns: Sequence[Pattern] | No
     patterns = load_patterns() if patterns is None else patterns
     report = Report(str(path), target)
     base = root if root.is_dir() else root.parent
+    tied, memo = Triggers(patterns), {}
     for file in python_files(root):
         # a name that is not UTF-8 (its bytes kept as surrogates) is shown escaped: it still prints
         rel = file.relative_to(base).as_posix().encode("utf-8", "backslashreplace").decode("utf-8")
@@ -359,7 +426,8 @@ def scan(path: str | Path, target: str = "npu", patterns: Sequence[Pattern] | No
                 continue
             with tokenize.open(file) as f:  # honours a coding cookie
                 source = f.read(MAX_SOURCE_BYTES + 1)
-            report.findings += scan_source(source, rel, patterns, target)
+            if tied(source):
+                report.findings += scan_source(source, rel, patterns, target, memo)
         except SyntaxError as e:
             report.warnings.append({"file": rel, "line": e.lineno or 0, "message": f"not scanned: {e.msg}"})
         except (UnicodeDecodeError, ValueError, RecursionError, MemoryError, OSError) as e:

@@ -203,7 +203,8 @@ def test_files_that_cannot_be_source_are_warnings_and_the_scan_goes_on(tmp_path,
     os.mkfifo(repo / "pipe.py")
     (repo / "zero.py").symlink_to("/dev/zero")
     (repo / "huge.py").write_text("x = 1\n" * ((scan_mod.MAX_SOURCE_BYTES // 6) + 10))
-    (repo / "deep.py").write_text("x = " + "(" * 100000 + ")" * 100000 + "\n")
+    deep = "(" * 100000 + ")" * 100000
+    (repo / "deep.py").write_text(f"import torch\ntorch.cuda.synchronize()\nx = {deep}\n")
     (repo / os.fsdecode(b"caf\xe9.py")).write_text("import torch\ntorch.cuda.synchronize()\n")
     code, out = run("scan", str(repo), "--format", "json", "--fail-on", "none", capsys=capsys)
     report = json.loads(out)
@@ -214,3 +215,29 @@ def test_files_that_cannot_be_source_are_warnings_and_the_scan_goes_on(tmp_path,
     assert [f["file"] for f in report["findings"]] == ["caf\\udce9.py"]
     code, text = run("scan", str(repo), "--fail-on", "none", capsys=capsys)
     assert code == 0 and "caf\\udce9.py" in text
+
+
+def test_a_file_is_skipped_unparsed_only_when_no_pattern_could_match_in_it(tmp_path):
+    """Triggers must never hide a tie: every fixture file with a planted tie trips them and still yields
+    that finding; text that holds the table's words only inside other words, or no tie, does not."""
+    from accel.scan import Triggers, scan_source
+
+    patterns = load_patterns()
+    tied = Triggers(patterns)
+    for file, line, pattern in planted():
+        text = (REPO / file).read_text()
+        assert tied(text), file
+        assert any(f.line == line and f.pattern == pattern for f in scan_source(text, file, patterns, "npu"))
+    for text in ("x = [1, 2.5, 'tok_1', \"w\"]\n" * 1000, "import torch\ny = torch.zeros(3)\n",
+                 "def load_table(): return {'amplitude': 1}\n"):  # `amp`, `load` only inside other words
+        assert not tied(text), text
+    assert tied("z = 'cuda:nccl'\n") and tied("torch.cuda.amp.autocast()\n") and tied('d = f"cuda:{rank}"\n')
+
+
+def test_a_file_that_assigns_torch_has_no_implicit_torch(tmp_path):
+    from accel.scan import scan_source
+
+    patterns = load_patterns()
+    assert [f.pattern for f in scan_source("torch.cuda.synchronize()\n", "a.py", patterns, "npu")]
+    assert not scan_source("torch = object()\ntorch.cuda.synchronize()\n", "b.py", patterns, "npu")
+    assert scan_source("import torch\ntorch = torch\ntorch.cuda.synchronize()\n", "c.py", patterns, "npu")
