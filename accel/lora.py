@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,15 @@ from typing import Any
 import numpy as np
 
 from accel.errors import UsageError
+from accel.inputs import read_json_object
 
 # The attention input projections of each family, as PEFT adapts them by default: Qwen2/Baichuan2-style
 # q/v projections, ChatGLM's fused query_key_value, Baichuan2's W_pack, Qwen v1's c_attn.
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query_key_value", "W_pack", "c_attn")
 PEFT_PREFIX = "base_model.model."
+
+
+MAX_RANK = 1 << 16  # past any layer's width
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,10 @@ class LoraConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise UsageError(f"LoRA rank must be 1 or more, not {self.rank}")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise UsageError(f"LoRA rank must be from 1 to {MAX_RANK}, not {self.rank}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
+            raise UsageError(f"LoRA alpha must be a finite number, not {self.alpha}")
         if not self.targets:
             raise UsageError("LoRA needs at least one target module name")
 
@@ -119,10 +126,22 @@ def load_adapters(directory: str | Path) -> tuple[dict[str, np.ndarray], LoraCon
     from accel.checkpoint.safetensors import SafetensorsFile
 
     directory = Path(directory)
+    path = directory / "adapter_config.json"
+    if not path.is_file():
+        raise UsageError(f"{directory} has no adapter_config.json; is it a LoRA adapter directory?")
+    cfg = read_json_object(path, UsageError, "a LoRA adapter config")
+    rank, alpha, modules = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise UsageError(f"{path}: r is {str(rank)[:40]!r}; it must be an integer")
+    if isinstance(modules, str):  # PEFT also takes one regular expression; accel matches names, not patterns
+        raise UsageError(f"{path}: target_modules is the regular expression {modules[:40]!r}; accel takes a list "
+                         "of module names")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise UsageError(f"{path}: target_modules is {str(modules)[:40]!r}; it must be a list of module names")
     try:
-        cfg = json.loads((directory / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{directory} has no adapter_config.json; is it a LoRA adapter directory?") from None
+        config = LoraConfig(rank, alpha, tuple(modules))  # type: ignore[arg-type]
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
     tensors = SafetensorsFile(directory / "adapter_model.safetensors")
     adapters = {k.removeprefix(PEFT_PREFIX): np.array(v) for k, v in tensors.items()}
-    return adapters, LoraConfig(int(cfg["r"]), float(cfg["lora_alpha"]), tuple(cfg["target_modules"]))
+    return adapters, config

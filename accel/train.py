@@ -178,6 +178,21 @@ def check_batch(model: Any, input_ids: np.ndarray, labels: np.ndarray) -> None:
                              f"(0..{model.vocab_size - 1}); was the data tokenised for another model?")
 
 
+MAX_STEPS = 10**9
+
+
+def check_hyperparameters(steps: int, lr: float, weight_decay: float = 0.0, batch_size: int = 1) -> None:
+    """UsageError naming the first of these that no run can use (nan, inf, a negative decay, ...)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps must be from 1 to {MAX_STEPS}, not {steps}")
+    if not 0 < lr < float("inf"):
+        raise UsageError(f"the learning rate must be a finite positive number, not {lr}")
+    if not 0 <= weight_decay < float("inf"):
+        raise UsageError(f"the weight decay must be a finite number of 0 or more, not {weight_decay}")
+    if not 1 <= batch_size <= MAX_STEPS:
+        raise UsageError(f"the batch size must be from 1 to {MAX_STEPS}, not {batch_size}")
+
+
 def train(model: Any, backend: Any, params: Mapping[str, np.ndarray], batches: Iterable[Mapping[str, np.ndarray]],
           steps: int, lr: float, *, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
           eps: float = 1e-8, lora: lora_mod.LoraConfig | None = None, adapters: Mapping[str, np.ndarray] | None = None,
@@ -187,10 +202,7 @@ def train(model: Any, backend: Any, params: Mapping[str, np.ndarray], batches: I
     fresh ones from `seed`) train. Yields one StepResult per step; stops early when batches run out."""
     from accel.runtime import place
 
-    if steps < 1:
-        raise UsageError(f"steps must be 1 or more, not {steps}")
-    if lr <= 0:
-        raise UsageError(f"the learning rate must be positive, not {lr}")
+    check_hyperparameters(steps, lr, weight_decay)
     if not backend.capabilities().training:
         raise UsageError(f"{backend.target} cannot train")
     device_params = place(backend, params, dtype)

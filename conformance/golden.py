@@ -21,6 +21,7 @@ import numpy as np
 
 from accel.checkpoint import safetensors
 from accel.errors import ConformanceError
+from accel.inputs import read_json_object
 
 FORMAT = "accel-golden/1"
 
@@ -107,12 +108,7 @@ class GoldenRecord:
         manifest = self.directory / "manifest.json"
         if not manifest.is_file():
             raise ConformanceError(f"{self.directory} is not a golden record (no manifest.json)")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-        except (ValueError, RecursionError, UnicodeDecodeError):  # ValueError: bad JSON, or a 5000-digit number
-            raise ConformanceError(f"{manifest} is not valid JSON") from None
-        if not isinstance(self.manifest, dict):
-            raise ConformanceError(f"{manifest} does not hold a JSON object; it is not a golden record's manifest")
+        self.manifest = read_json_object(manifest, ConformanceError, "a golden record's manifest")
         if self.manifest.get("format") != FORMAT:
             raise ConformanceError(f"{manifest}: format {str(self.manifest.get('format'))[:40]!r}, expected {FORMAT}")
         cases, target = self.manifest.get("cases"), self.manifest.get("target")

@@ -8,7 +8,9 @@ unexpected) and returned as NumPy arrays in their stored dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +110,30 @@ def config_from_pretrained(directory: str | Path) -> Model:
     cls = family(model_type)
     check_config(cfg, path)
     try:
-        return cls.from_hf_config(cfg, name=directory.name)
+        model = cls.from_hf_config(cfg, name=directory.name)
     except KeyError as e:
         raise ModelError(f"{path} lacks field {e} that {model_type} needs") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:  # what check_config misses
         raise ModelError(f"{path} is not a valid {model_type} config: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    _check_built(model, path)
+    return model
+
+
+def _check_built(model: Model, path: Path) -> None:
+    """The family's hyperparameters as built, by their declared types: a null or mistyped field that
+    the family read without a default (`"num_layers": null`) is caught here, named, not later."""
+    for f in dataclasses.fields(model):  # type: ignore[arg-type]
+        v = getattr(model, f.name)
+        if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this config; "
+                             "it must be an integer of 1 or more")
+        if f.type == "float" and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this config; "
+                             "it must be a finite number")
+        if f.type == "bool" and not isinstance(v, bool):
+            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this config; "
+                             "it must be true or false")
 
 
 def from_pretrained(directory: str | Path) -> tuple[Model, dict[str, np.ndarray]]:

@@ -178,7 +178,7 @@ def test_index_is_not_json(env, capsys):
     tmp, src, out, params = env
     sharded(src, params)
     (src / "model.safetensors.index.json").write_text("{weight_map: oops")
-    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "is not a valid index")
+    run_case(capsys, out, ["--from", f"safetensors:{src}", *to(out)], "(a checkpoint index) is not valid JSON")
 
 
 # --- torch-bin ----------------------------------------------------------------------------------------
@@ -655,7 +655,7 @@ def test_a_torch_bin_record_that_inflates_is_refused_unread(tmp_path):
 def test_a_convert_config_with_impossible_sizes_is_named(env, capsys):
     tmp, src, out, _ = env
     for text, words in [('{"num_attention_heads": Infinity}', "num_attention_heads"),
-                        ('{"hidden_size": "64"}', "hidden_size"), ("[" * 100000, "not a readable JSON config")]:
+                        ('{"hidden_size": "64"}', "hidden_size"), ("[" * 100000, "is not valid JSON (nested deeper")]:
         bad = tmp / "bad.json"
         bad.write_text(text)
         run_case(capsys, out, ["--from", f"safetensors:{src}", "--config", str(bad), *to(out)], words)

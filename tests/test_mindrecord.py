@@ -171,7 +171,7 @@ def test_malformed_lines_are_fatal_or_skipped(tok_dir, tmp_path, capsys):
                                                                    '{"question": "where"}', '["a", "list"]'])
     out = tmp_path / "bad.mindrecord"
     args = ["mindrecord", "--data", str(src), "--tokenizer", str(tok_dir), "--out", str(out), "--seq-length", "32"]
-    one_line_error(*cli(capsys, *args)[::2], "bad.jsonl:3:", "not valid JSON")
+    one_line_error(*cli(capsys, *args)[::2], "bad.jsonl:3: the line is not valid JSON")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nothing written, no temp dir left
     code, stdout, err = cli(capsys, *args, "--skip-bad-lines", "--json")
     assert code == 0, err

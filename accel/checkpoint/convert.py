@@ -38,6 +38,7 @@ from accel.checkpoint.hf import HFCheckpoint, write_directory
 from accel.checkpoint.keymap import SIDES, KeyMap, MappedView, Planned, resolve_family
 from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
 from accel.errors import AccelError, CheckpointError, ModelError, UsageError
+from accel.inputs import read_json_object
 from accel.staging import discard_staged, stage_dir
 
 DEFAULT_SHARD = 5 * 10**9  # save_pretrained's default max_shard_size, "5GB"
@@ -119,15 +120,9 @@ def manifest_text(manifest: dict[str, Any]) -> str:
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
-    except (OSError, ValueError, RecursionError) as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ModelError(f"{path} is not a readable JSON config ({reason})") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path} does not hold a JSON object")
+    if not path.exists():
+        raise UsageError(f"--config {path}: no such file")
+    cfg = read_json_object(path, ModelError, "a model config")
     from accel.models import check_config
 
     check_config(cfg, path)  # the sizes the key map splits fused tensors by

@@ -17,6 +17,7 @@ from accel.checkpoint.base import CHUNK, Chunk, Entry, Reader, TensorInfo
 from accel.checkpoint.safetensors import SafetensorsFile
 from accel.checkpoint.torch_bin import TorchBinFile
 from accel.errors import CheckpointError, ModelError
+from accel.inputs import read_json_object
 
 # format -> (single file, index, shard name pattern, reader, writer)
 LAYOUTS: dict[str, tuple[str, str, str, Callable[[Path], Reader], Callable[[Path, Sequence[Entry]], None]]] = {
@@ -35,13 +36,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ModelError(f"{directory} is not a directory; --model takes an HF checkpoint directory or a preset name")
     if not path.is_file():
         raise ModelError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints past the digit limit
-        raise ModelError(f"{path} is not valid JSON ({str(e).splitlines()[0][:160] or type(e).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path} does not hold a JSON object")
-    return cfg
+    return read_json_object(path, ModelError)
 
 
 def _roots(directory: Path) -> list[Path]:
@@ -86,12 +81,9 @@ class HFCheckpoint:
         raise CheckpointError(f"{self.directory} has no {wanted}")
 
     def _open_index(self, index: Path, opener: Callable[[Path], Reader]) -> None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (ValueError, KeyError, TypeError, RecursionError):
-            raise CheckpointError(f"{index} is not a valid index (no weight_map object)") from None
+        weight_map = read_json_object(index, CheckpointError, "a checkpoint index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} is not a valid index (no weight_map object)")
         opened: dict[Path, Reader] = {}
         for name, shard_name in weight_map.items():
             if not isinstance(shard_name, str):

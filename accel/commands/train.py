@@ -51,7 +51,7 @@ def _lora_config(args: argparse.Namespace) -> Any:
         return None
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets \
         else DEFAULT_TARGETS
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank
     return LoraConfig(args.lora_rank, alpha, targets)
 
 
@@ -100,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
     from accel.data import mindrecord
     from accel.models import load
     from accel.targets import open_target
-    from accel.train import check_batch, to_host, train
+    from accel.train import check_batch, check_hyperparameters, to_host, train
 
-    if args.steps < 1:
-        raise UsageError("--steps must be 1 or more")
+    check_hyperparameters(args.steps, args.lr, args.weight_decay, args.batch_size)
     if str(args.data).endswith((".jsonl", ".json")):
         raise UsageError(f"--data takes MindRecord; convert {args.data} first with `accel mindrecord`")
     lora = _lora_config(args)

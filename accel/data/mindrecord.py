@@ -20,7 +20,6 @@ into place only once every shard is committed.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from accel.errors import AccelError
+from accel.inputs import parse_json
 
 # keep MindSpore's import quiet (see backends/mindspore.py); a user's own setting wins
 os.environ.setdefault("GLOG_v", "3")
@@ -82,12 +82,7 @@ class Summary:
 
 def parse_line(text: str, line: int, where: str) -> Sample:
     """One jsonl line as a Sample; DataError naming the line when it is not a usable object."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting past the stack
-        raise DataError(f"{where}:{line}: not valid JSON ({str(e).splitlines()[0][:80] or type(e).__name__})") from None
+    obj = parse_json(text, f"{where}:{line}: the line", DataError)
     sample = _sample(obj, line, where)
     try:
         sample.prompt.encode("utf-8"), sample.response.encode("utf-8")

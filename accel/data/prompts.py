@@ -14,7 +14,6 @@ A prompt longer than the model's context is refused, never cut (only the built-i
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from accel.data.tokenizer import Tokenizer, check_messages, load_tokenizer, read_json, render_chat
 from accel.errors import UsageError
+from accel.inputs import parse_json
 
 # Where each family's config.json states the context length, first found wins. Qwen v1's seq_length is
 # the training length that dynamic NTK stretches; max_position_embeddings is the model's own limit.
@@ -93,12 +93,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             continue
         if len(line) > MAX_LINE:
             raise UsageError(f"{where} is longer than {MAX_LINE} bytes")
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise UsageError(f"{where} is not UTF-8") from None
-        except (ValueError, RecursionError) as e:  # ValueError covers ints past Python's digit limit
-            raise UsageError(f"{where} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        obj = parse_json(line, where, UsageError)
         prompts.append(_parse_line(obj, where))
     if not prompts:
         raise UsageError(f"prompts file {path} holds no prompts; write one JSON object a line, "

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from accel.errors import UsageError
+from accel.inputs import read_json_object
 
 END_TOKENS = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>", "[EOS]", "<|end|>")
 PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")
@@ -57,12 +58,7 @@ def read_json(path: Path, what: str = "JSON") -> dict[str, Any]:
     """A JSON object from `path`, {} when the file is absent; a one-line UsageError when it is not JSON."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UsageError(f"{path} is not valid {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         "restore it from the checkpoint's release") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, UsageError, f"the tokenizer's {what}; restore it from the checkpoint's release")
 
 
 def _token_text(value: Any) -> str | None:
