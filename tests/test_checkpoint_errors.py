@@ -202,6 +202,48 @@ def test_pickle_that_would_run_code(env, capsys):
     assert not marker.exists()
 
 
+def _with_stride(tmp: Path, stride: tuple[int, int]) -> Path:
+    """torch.save's file of one (1, 3) float32 tensor, its pickled stride (3, 1) replaced by `stride`."""
+    import torch
+
+    good, bad = tmp / "one.bin", tmp / "strided" / "pytorch_model.bin"
+    bad.parent.mkdir()
+    torch.save({"w": torch.arange(3, dtype=torch.float32).reshape(1, 3)}, good)
+
+    def long1(n: int) -> bytes:
+        return b"\x8a" + bytes([9]) + n.to_bytes(9, "little", signed=True)
+
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for zi in zin.infolist():
+            data = zin.read(zi)
+            if zi.filename.endswith("data.pkl"):
+                size_then_stride = b"K\x01K\x03\x86q\x08K\x03K\x01\x86"
+                assert data.count(size_then_stride) == 1
+                data = data.replace(size_then_stride, b"K\x01K\x03\x86q\x08" + long1(stride[0]) + long1(stride[1])
+                                    + b"\x86")
+            zout.writestr(zi, data)
+    return bad
+
+
+def test_torch_bin_strides_past_int64(env, capsys):
+    """A stride of 2^70 on the size-1 dimension is never used: the tensor reads as saved (torch.load
+    itself would overflow). On the size-3 dimension it is an error naming the tensor, from convert and
+    verify alike."""
+    tmp, src, out, _ = env
+    harmless = _with_stride(tmp, (2**70, 1))
+    assert main(["convert", "--from", f"torch-bin:{harmless}", "--to", f"npz:{out / 'w.npz'}"]) == 0
+    np.testing.assert_array_equal(np.load(out / "w.npz")["w"], np.arange(3, dtype=np.float32).reshape(1, 3))
+    (out / "w.npz").unlink()
+    (out / "w.npz.manifest.json").unlink()
+    capsys.readouterr()
+    shutil.rmtree(harmless.parent)
+    bad = _with_stride(tmp, (3, 2**70))
+    run_case(capsys, out, ["--from", f"torch-bin:{bad}", *to(out)], "tensor 'w'", "reaches past its storage")
+    assert main(["verify", f"torch-bin:{bad}", f"torch-bin:{bad}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tensor 'w'" in err[0] and "reaches past its storage" in err[0], err
+
+
 def test_torch_bin_storage_smaller_than_its_tensor(env, capsys):
     tmp, src, out, params = env
     good = tmp / "good.bin"

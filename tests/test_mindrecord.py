@@ -6,6 +6,8 @@ and training from the result on torch and mindspore."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -322,3 +324,17 @@ def test_a_terminated_conversion_leaves_nothing_and_a_killed_ones_leftover_is_sw
     small = write_jsonl(tmp_path / "small.jsonl", ROWS)
     code = subprocess.run([*args[:5], str(small), *args[6:]], capture_output=True).returncode
     assert code == 0 and not list(out.glob(".*.tmp"))  # the next run swept it
+
+
+def test_a_full_disk_under_filewriter_is_one_line_and_leaves_nothing(tok_dir, tmp_path):
+    """RLIMIT_FSIZE makes MindSpore's FileWriter hit EFBIG past 256 KiB, as on a full disk."""
+    src = write_jsonl(tmp_path / "many.jsonl", ROWS * 400)
+    out = tmp_path / "many.mindrecord"
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18)); "
+            "from accel.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "mindrecord", "--data", str(src), "--tokenizer", str(tok_dir),
+                        "--out", str(out), "--seq-length", "128"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[")]  # MindSpore's log
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith("accel mindrecord: error: ") and str(out) in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.jsonl"]

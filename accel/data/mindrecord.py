@@ -285,7 +285,7 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
             batch = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i],
                       "attention_mask": rows.attention_mask[i], "index": int(rows.index[i])}
                      for i in range(len(rows.index))]
-            writer.write_raw_data(batch)
+            _written(out, writer.write_raw_data, batch)
             summary.rows += len(batch)
             summary.tokens += int(rows.attention_mask.sum())
             summary.target_tokens += int((rows.labels != IGNORE_INDEX).sum())
@@ -298,7 +298,7 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
         if summary.target_tokens == 0:  # training on it would be loss 0, gradient 0, every step
             raise DataError(f"no row of {src} keeps a target token within --seq-length {seq_length} (each "
                             "prompt fills it): raise --seq-length or shorten the prompts")
-        writer.commit()
+        _written(out, writer.commit)
         for old in _existing_outputs(out):
             old.unlink()
         written = sorted(tmp.iterdir())
@@ -309,6 +309,19 @@ def convert(src: str | Path, out: str | Path, tokenizer: Any, seq_length: int, *
         discard_staged(out)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _written(out: Path, write: Callable[..., Any], *args: Any) -> None:
+    """write(*args), with MindSpore's FileWriter failure (a full disk: "Failed to seekp file") as one line."""
+    try:
+        write(*args)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.lstrip().startswith("-")]
+        after = next((i + 1 for i, ln in enumerate(lines) if "Dataset Pipeline Error Message" in ln), None)
+        gist = re.sub(r"^(\[[A-Za-z ]+\]\s*)+", "", lines[after] if after is not None and after < len(lines) else
+                      lines[0] if lines else type(e).__name__)
+        raise DataError(f"cannot write {out}: MindSpore's FileWriter failed ({gist[:160]}); check the space "
+                        "left on its disk") from None
 
 
 # --- reading back ----------------------------------------------------------------------------------------
