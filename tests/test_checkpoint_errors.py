@@ -470,6 +470,17 @@ def test_output_under_proc(env, capsys):
     assert not Path("/proc/accel-convert-test.ckpt").exists()
 
 
+@pytest.mark.parametrize("fmt,name", [("safetensors", "x.safetensors"), ("npz", "x.npz"), ("mindspore-ckpt", "x.ckpt"),
+                                      ("torch-bin", "x.bin")])
+def test_an_empty_tensor_with_a_dimension_past_int64_is_refused_for_every_writer(env, capsys, fmt, name):
+    """numel 0, so no size check catches it: each writer would write a header no reader takes."""
+    tmp, src, out, _ = env
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2**64 + 5, 0], "data_offsets": [0, 0]}}).encode()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    run_case(capsys, out, ["--from", f"safetensors:{src}", "--to", f"{fmt}:{out / name}"],
+             "shape", "integers in [0, 2^63)")
+
+
 def test_full_disk(env):
     """RLIMIT_FSIZE makes writes past 64 KiB fail with EFBIG, for root too (CPython ignores SIGXFSZ)."""
     tmp, src, out, params = env

@@ -93,9 +93,11 @@ class Reader(Protocol):
 
 
 def shape_of(value: object, where: str) -> tuple[int, ...]:
-    """A shape from untrusted data: a list of non-negative integers (not booleans)."""
-    if not isinstance(value, list | tuple) or not all(type(x) is int and x >= 0 for x in value):
-        raise CheckpointError(f"{where}: shape {value!r} is not a list of non-negative integers")
+    """A shape from untrusted data: a list of at most 64 (NumPy's limit) integers in [0, 2^63), what every
+    format and framework holds (a dimension past int64, even of an empty tensor, no writer can write)."""
+    if (not isinstance(value, list | tuple) or len(value) > 64
+            or not all(type(x) is int and 0 <= x < 1 << 63 for x in value)):
+        raise CheckpointError(f"{where}: shape {str(value)[:80]} is not a list of at most 64 integers in [0, 2^63)")
     return tuple(value)
 
 
