@@ -430,6 +430,27 @@ def test_output_would_overwrite_the_source(env, capsys):
     assert (out / "y.npz").read_bytes() != b"mine"
 
 
+def test_infer_never_writes_over_what_it_reads_and_needs_overwrite(tmp_path, capsys):
+    from tests.conftest import save_hf_qwen2
+
+    directory = save_hf_qwen2(tmp_path / "ck")
+    (directory / "weights.npy").symlink_to(directory / "model.safetensors")
+    capsys.readouterr()
+    files = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in directory.iterdir()}
+    infer = ["infer", "--model", str(directory), "--input-ids", "1,2", "--overwrite", "--out"]
+    for out in ("config.json", "model.safetensors", "weights.npy"):
+        assert main([*infer, str(directory / out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a file this command reads" in err[0], err
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in directory.iterdir()} == files
+    (tmp_path / "o.npy").write_bytes(b"mine")
+    assert main(infer[:-2] + ["--out", str(tmp_path / "o.npy")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o.npy").read_bytes() == b"mine"
+    assert main([*infer, str(tmp_path / "o.npy")]) == 0
+    assert np.load(tmp_path / "o.npy").shape[:2] == (1, 2)
+
+
 def test_a_stale_temporary_of_a_dead_process_is_swept(env, capsys):
     import subprocess
 

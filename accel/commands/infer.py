@@ -23,7 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_prompt_options(p, "comma-separated token ids, e.g. 5,17,33")
     p.add_argument("--out", required=True, metavar="LOGITS.npy|DIR",
                    help="where to write the logits: a file, or an existing directory (prompt-1.npy, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace logits files that already exist")
     p.set_defaults(run=run)
+
+
+def _refuse_clobbering(paths: list[Path], args: argparse.Namespace) -> None:
+    """Before any work: no output may land on what this command reads (a file of the model directory,
+    the prompts file, even through a link), and an existing one is replaced only with --overwrite."""
+    model = Path(args.model)
+    reads = {f.resolve() for f in model.iterdir()} if model.is_dir() else set()
+    if args.prompts and Path(args.prompts).is_file():
+        reads.add(Path(args.prompts).resolve())
+    for path in paths:
+        if path.resolve() in reads:
+            raise UsageError(f"--out {path} is a file this command reads (the model's or the prompts'); "
+                             "give another name")
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite to replace it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     if len(inputs) > 1 and not to_dir:
         raise UsageError(f"{len(inputs)} prompts need --out to be an existing directory (one .npy per prompt); "
                          f"{out} is not one")
+    paths = [out / f"prompt-{n}.npy" for n in range(1, len(inputs) + 1)] if to_dir else [out]
+    _refuse_clobbering(paths, args)
     model, backend, params, dtype = open_run(args)
-    for n, ids in enumerate(inputs, 1):
+    for ids, path in zip(inputs, paths):
         logits = infer(model, backend, params, check_ids(model, ids))
-        path = out / f"prompt-{n}.npy" if to_dir else out
 
         def write(tmp, logits=logits):
             with open(tmp, "wb") as f:
