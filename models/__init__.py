@@ -125,15 +125,17 @@ def _check_built(model: Model, path: Path) -> None:
     the family read without a default (`"num_layers": null`) is caught here, named, not later."""
     for f in dataclasses.fields(model):  # type: ignore[arg-type]
         v = getattr(model, f.name)
-        if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this config; "
-                             "it must be an integer of 1 or more")
-        if f.type == "float" and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
-            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this config; "
-                             "it must be a finite number")
-        if f.type == "bool" and not isinstance(v, bool):
-            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this config; "
-                             "it must be true or false")
+        ok, wanted = _BUILT.get(str(f.type), (None, ""))
+        if ok is not None and not ok(v):
+            raise ModelError(f"{path}: {model.model_type}'s {f.name} comes out as {str(v)[:40]!r} from this "
+                             f"config; it must be {wanted}")
+
+
+_BUILT = {  # declared type -> (what a value must satisfy, said in words)
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer of 1 or more"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def from_pretrained(directory: str | Path) -> tuple[Model, dict[str, np.ndarray]]:

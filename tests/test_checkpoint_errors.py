@@ -588,6 +588,7 @@ def test_source_truncated_while_copying(env, capsys, monkeypatch):
     ('"num_attention_heads": 0', "num_attention_heads"),
     ('"num_hidden_layers": "2"', "num_hidden_layers"),
     ('"num_hidden_layers": 1e9', "num_hidden_layers"),
+    ('"num_hidden_layers": null', "num_layers comes out as 'None'"),
     ('"num_attention_heads": Infinity', "num_attention_heads"),
     ('"rope_scaling": "linear"', "rope_scaling"),
     ('"rms_norm_eps": -1', "rms_norm_eps"),
