@@ -400,10 +400,24 @@ class Report:
         }
 
 
+def table_column(target: str) -> str:
+    """The pattern table's column for a target: a column's name itself, or a target string as every
+    other command takes it (torch:npu and torch-compile:npu -> npu, mindspore:ascend -> mindspore, ...)."""
+    if target in TARGETS:
+        return target
+    from accel.targets import parse
+
+    t = parse(target)  # an unknown backend or device is its one-line error
+    column = t.kind if t.backend in ("torch", "torch-compile") else t.backend  # torch:npu -> npu
+    if column not in TARGETS:
+        raise UsageError(f"scan has no table for {target}: it lists what changes when CUDA code moves to "
+                         f"torch:npu, mindspore:*, tvm:* or xla:* ({', '.join(TARGETS)} for short)")
+    return column
+
+
 def scan(path: str | Path, target: str = "npu", patterns: Sequence[Pattern] | None = None) -> Report:
-    """Scan every Python file under `path` (a directory or one file) for `target`."""
-    if target not in TARGETS:
-        raise UsageError(f"unknown scan target {target!r}; choose one of {', '.join(TARGETS)}")
+    """Scan every Python file under `path` (a directory or one file) for `target` (see table_column)."""
+    target = table_column(target)
     root = Path(path)
     if not root.exists():
         raise UsageError(f"{path} does not exist; give a repository directory or a .py file")

@@ -167,3 +167,14 @@ def test_numbers_from_outside_are_bounded(monkeypatch):
             parse_size(text)
     with pytest.raises(AccelError, match="seq_length must be from 1 to"):
         convert("unused.jsonl", "unused.mindrecord", None, 100_000_000_000)
+
+
+@pytest.mark.parametrize("option, value, words", [("--max-new-tokens", "0", "--max-new-tokens must be 1 or more"),
+                                                  ("--input-ids", "1 2", "is not a comma-separated list")])
+def test_generate_refuses_nothing_to_generate_and_ids_that_are_not_a_list(option, value, words, capsys):
+    from accel.cli import main
+
+    args = {"--max-new-tokens": "4", "--input-ids": "1,2"} | {option: value}
+    code = main(["generate", "--model", "qwen2-tiny", *[x for kv in args.items() for x in kv]])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and words in err, err

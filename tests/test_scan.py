@@ -186,7 +186,7 @@ def test_a_single_file_and_bad_paths(tmp_path, capsys):
 def test_scanning_imports_no_framework():
     code = ("import sys, accel.cli, accel.scan, accel.commands.scan, accel.commands.run\n"
             "accel.cli.build_parser()\n"
-            "accel.scan.scan(sys.argv[1])\n"
+            "accel.scan.scan(sys.argv[1]); accel.scan.scan(sys.argv[1], 'torch:npu')\n"
             "print(sorted(m for m in ('torch', 'mindspore', 'jax', 'tvm', 'onnxruntime') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -241,3 +241,21 @@ def test_a_file_that_assigns_torch_has_no_implicit_torch(tmp_path):
     assert [f.pattern for f in scan_source("torch.cuda.synchronize()\n", "a.py", patterns, "npu")]
     assert not scan_source("torch = object()\ntorch.cuda.synchronize()\n", "b.py", patterns, "npu")
     assert scan_source("import torch\ntorch = torch\ntorch.cuda.synchronize()\n", "c.py", patterns, "npu")
+
+
+@pytest.mark.parametrize("target, column", [("torch:npu", "npu"), ("torch-compile:npu:1", "npu"),
+                                            ("mindspore:ascend", "mindspore"), ("tvm:llvm", "tvm"), ("xla:tpu", "xla")])
+def test_the_target_is_named_as_every_other_command_names_it(target, column, capsys):
+    code, out = run("scan", str(REPO), "--target", target, "--format", "json", "--fail-on", "none", capsys=capsys)
+    assert code == 0 and json.loads(out)["summary"]["target"] == column
+    assert json.loads(out) == json.loads(run("scan", str(REPO), "--target", column, "--format", "json",
+                                             "--fail-on", "none", capsys=capsys)[1])
+
+
+@pytest.mark.parametrize("target, words", [("torch:cpu", "scan has no table for torch:cpu"),
+                                           ("onnxruntime:cann", "scan has no table"),
+                                           ("cuda", "names no device"), ("foo:bar", "no backend named 'foo'")])
+def test_a_target_scan_has_no_table_for_is_one_line(target, words):
+    done = run_cli("scan", str(REPO), "--target", target)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert words in done.stderr

@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from accel.runtime import check_ids, generate
 
-    if args.max_new_tokens < 0:
-        raise UsageError("--max-new-tokens must be 0 or more")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be 1 or more, not {args.max_new_tokens}")
     tokenizer, inputs = prompts_from_args(args)
     stop = set() if tokenizer is None or args.ignore_eos else end_tokens(tokenizer)
     model, backend, params, dtype = open_run(args)

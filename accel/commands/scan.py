@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "triton, CUDA extensions, deepspeed.ops, cupy. Each finding has a severity "
                     "(runs-via-migrate < needs-replacement < no-equivalent) and the target's replacement.")
     p.add_argument("path", metavar="PATH", help="repository directory (or one .py file)")
-    p.add_argument("--target", default="npu", choices=("npu", "mindspore", "tvm", "xla"),
-                   help="what the code is being ported to (default: npu)")
+    p.add_argument("--target", default="npu", metavar="TARGET",
+                   help="what the code is being ported to: a target as elsewhere (torch:npu, mindspore:ascend, "
+                        "tvm:llvm, xla:tpu, ...) or its short name npu, mindspore, tvm, xla (default: npu)")
     p.add_argument("--format", default="text", choices=("text", "json", "md"), help="output format (default: text)")
     p.add_argument("--fail-on", default="no-equivalent", choices=SEVERITY_CHOICES, metavar="SEVERITY",
                    help="exit 1 when a finding is at or above this severity: runs-via-migrate, needs-replacement, "
