@@ -74,7 +74,7 @@ def _cleanup():
 @PROPERTY
 @given(config_texts())
 def test_any_config_json_is_a_model_or_a_model_error(text):
-    from models import config_from_pretrained
+    from accel.models import config_from_pretrained
 
     d = WORK / "ckpt"
     d.mkdir(exist_ok=True)

@@ -128,9 +128,7 @@ def _torchrun(argv: list[str]) -> int:
     traceback, and with the first failed rank's exit code (128 + N for a signal)."""
     import logging
 
-    from torch.distributed.elastic.multiprocessing.errors import (
-        ChildFailedError,  # framework-import-ok: lazy, only for --backend torch
-    )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # framework-import-ok: lazy
     from torch.distributed.run import get_args_parser  # framework-import-ok: lazy, only for --backend torch
     from torch.distributed.run import run as torchrun  # framework-import-ok: lazy, only for --backend torch
 
@@ -160,9 +158,7 @@ def _msrun(argv: list[str]) -> int:
     import logging
 
     import mindspore.log  # framework-import-ok: lazy, only for --backend mindspore
-    from mindspore.parallel.cluster.process_entity import (
-        _ProcessManager,  # framework-import-ok: lazy, only for --backend mindspore
-    )
+    from mindspore.parallel.cluster.process_entity import _ProcessManager  # framework-import-ok: lazy
     from mindspore.parallel.cluster.run import get_args  # framework-import-ok: lazy, only for --backend mindspore
 
     sys.argv = ["msrun", *argv]

@@ -54,11 +54,12 @@ QWEN_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
 
 
-def read_json(path: Path, what: str = "JSON") -> dict[str, Any]:
-    """A JSON object from `path`, {} when the file is absent; a one-line UsageError when it is not JSON."""
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON object at `path` (config, tokenizer or generation config), {} when the file is
+    absent; a one-line UsageError when it is not a JSON object."""
     if not path.is_file():
         return {}
-    return read_json_object(path, UsageError, f"the tokenizer's {what}; restore it from the checkpoint's release")
+    return read_json_object(path, UsageError)
 
 
 def _token_text(value: Any) -> str | None:
