@@ -22,6 +22,8 @@ from accel.errors import TargetUnavailable, UsageError
 from tests.conftest import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "migrate"
+TORCH_NPU_EXPORTS = {line for line in (FIXTURES / "torch_npu_exports.txt").read_text().split("\n")
+                     if line and not line.startswith("#")}
 
 # Entry points a CUDA script touches, named here independently of accel.migrate's own list.
 PATCHED = [
@@ -33,10 +35,14 @@ PATCHED = [
     (torch.cuda, "Event"), (torch.cuda, "current_stream"), (torch.cuda, "stream"), (torch.cuda, "manual_seed"),
     (torch.cuda, "manual_seed_all"), (torch.cuda, "get_rng_state"), (torch.cuda, "set_rng_state"),
     (torch.amp.autocast_mode.autocast, "__init__"), (torch.amp.grad_scaler.GradScaler, "__init__"),
-    (dist, "init_process_group"), (DistributedDataParallel, "__init__"),
+    (dist, "init_process_group"), (DistributedDataParallel, "__init__"), (torch.cuda, "get_device_properties"),
+    (torch.cuda, "get_device_capability"), (torch.cuda, "mem_get_info"), (torch.cuda, "ipc_collect"),
+    (torch.cuda, "memory_summary"), (torch.cuda.nvtx, "range_push"), (torch.cuda, "LongTensor"),
+    (torch, "Generator"), (torch.Tensor, "pin_memory"), (torch.cuda, "CUDAGraph"),
 ]
 UNRELATED = [(torch, "add"), (torch, "matmul"), (torch.Tensor, "add"), (torch.Tensor, "cpu"),
-             (torch.nn.functional, "linear"), (torch.cuda, "get_device_properties"), (torch, "manual_seed")]
+             (torch.nn.functional, "linear"), (torch.cuda, "get_sync_debug_mode"), (torch, "manual_seed"),
+             (torch.Tensor, "is_cuda")]
 
 
 @pytest.fixture
@@ -107,7 +113,7 @@ def test_torch_cuda_namespace_on_cpu(on_cpu):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.empty_cache()
-    assert torch.cuda.memory_allocated() == 0 and torch.cuda.max_memory_allocated() == 0
+    assert torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated() > 0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     time.sleep(0.02)
@@ -119,6 +125,92 @@ def test_torch_cuda_namespace_on_cpu(on_cpu):
         side.wait_stream(torch.cuda.default_stream())
     assert torch.cuda.current_stream() is torch.cuda.default_stream()
     torch.cuda.current_stream().synchronize()
+
+
+def test_device_queries_have_a_host_meaning(on_cpu):
+    capability = torch.cuda.get_device_capability()
+    assert capability < (8, 0) and capability[0] == 0  # `cap[0] >= 8` gates CUDA-only kernels off
+    props = torch.cuda.get_device_properties(0)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert props.name == "cpu" and abs(props.total_memory - total) < 2**20 and props.major == 0
+    free, whole = torch.cuda.mem_get_info()
+    assert 0 < free <= whole and abs(whole - total) < 2**20
+    torch.cuda.ipc_collect()
+    assert torch.cuda.get_arch_list() == [] and torch.cuda.is_initialized()
+    assert torch.cuda.is_bf16_supported() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def test_memory_statistics_measure_the_process(on_cpu):
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, written, so resident
+    grown = torch.cuda.memory_allocated() - before
+    assert 56 << 20 < grown < 200 << 20
+    assert torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated()
+    stats = torch.cuda.memory_stats()
+    assert stats["allocated_bytes.all.peak"] >= stats["allocated_bytes.all.current"] > 0
+    summary = torch.cuda.memory_summary()
+    assert "resident" in summary and "GiB" in summary  # torch's own summary raised KeyError here
+    del big
+    torch.cuda.set_per_process_memory_fraction(0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        torch.cuda.set_per_process_memory_fraction(1.5)
+
+
+def test_legacy_types_generators_pinning_and_annotations(on_cpu):
+    ids = torch.cuda.LongTensor([3, 1])
+    assert ids.dtype == torch.int64 and ids.device.type == "cpu" and isinstance(ids, torch.cuda.LongTensor)
+    x = torch.arange(3.0)
+    assert x.type("torch.cuda.HalfTensor").dtype == torch.float16
+    assert x.type(torch.cuda.DoubleTensor).dtype == torch.float64  # not silently float32
+    assert x.type() == "torch.FloatTensor"
+    g = torch.Generator(device="cuda").manual_seed(5)
+    assert g.device.type == "cpu" and isinstance(g, torch.Generator)
+    assert isinstance(torch.default_generator, torch.Generator)  # the real class's instances still pass
+    assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=torch._C.Generator().manual_seed(5)))
+    assert torch.cuda.default_generators[0] is torch.default_generator
+    assert x.pin_memory() is x and x.pin_memory().to("cuda", non_blocking=True).device.type == "cpu"
+    assert torch.empty(2, pin_memory=True).shape == (2,)
+    with torch.cuda.nvtx.range("step"):
+        assert torch.cuda.nvtx.range_push("inner") == 1
+        assert torch.cuda.nvtx.range_pop() == 1
+    assert torch.cuda.nvtx.range_pop() == -1  # nothing left open
+    torch.cuda.nvtx.mark("here")
+
+
+def test_precision_switches_leave_cpu_results_alone(on_cpu):
+    a, b = torch.randn(64, 64, dtype=torch.float32), torch.randn(64, 64)
+    exact = a @ b
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_flash_sdp(True)
+        assert torch.equal(a @ b, exact)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_a_call_with_no_host_equivalent_stops_with_one_line(tmp_path, capsys):
+    migrate.disable()
+    script = tmp_path / "graphs.py"
+    script.write_text("import torch\n\ng = torch.cuda.CUDAGraph()\n")
+    assert migrate.launch(["python", str(script)], "torch:cpu") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{script}:3: torch.cuda.CUDAGraph has no equivalent on torch:cpu" in err
+
+
+def test_the_table_is_what_enable_patches():
+    """Every row that is not `unchanged` is replaced on cpu, under its row's name, and nothing else is."""
+    device_arguments, rows = migrate.table()
+    labels = {label for *_, label in migrate._patches(migrate._Target("cpu", None))}
+    expected = {n for n, r in rows.items() if r.kind("cpu") != "unchanged"}
+    functions = {f"{owner}.{n}" for owner, names in device_arguments.items() if owner != "with_indices"
+                 for n in names if hasattr(migrate._object(owner), n)}
+    functions |= {f"{owner}.{n}" for owner, names in device_arguments["with_indices"].items() for n in names}
+    assert labels == expected | functions
+    for name, row in rows.items():  # a dotted npu object is one torch_npu 2.7.1 exports
+        if row.kind("npu") == "object" and row.columns["npu"].startswith("torch.npu."):
+            assert row.columns["npu"].removeprefix("torch.npu.").split(".")[0] in TORCH_NPU_EXPORTS, name
 
 
 def test_cuda_rng_is_the_cpu_generator(on_cpu):
@@ -303,3 +395,61 @@ def test_device_context_works_again_after_disable():
     migrate.disable()
     with torch.device("meta"):
         assert torch.empty(2).is_meta and torch.zeros(3).is_meta
+
+
+# --- a nanoGPT-shaped training script, unmodified ---------------------------------------------------------
+
+NANOGPT = FIXTURES / "nanogpt_train.py"
+# the same file as the plain CPU version: cpu device, gloo, and the fused AdamW that nanoGPT picks on CUDA
+PLAIN_CPU = ("--device=cpu", "--backend=gloo", "--fused=True")
+
+
+def _plain(out: Path, *config: str) -> dict:
+    done = subprocess.run([sys.executable, str(NANOGPT), *PLAIN_CPU, f"--out_json={out}", *config],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def _ported(out: Path, *config: str) -> tuple[dict, str]:
+    done = run_cli("run", "--target", "torch:cpu", "--", "python", str(NANOGPT), f"--out_json={out}", *config)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_nanogpt_shaped_training_runs_unmodified_with_the_plain_cpu_losses(tmp_path):
+    ported, stdout = _ported(tmp_path / "ported.json", "--dtype=float32")
+    plain = _plain(tmp_path / "plain.json", "--dtype=float32")
+    assert (ported["device"], ported["fused"], ported["scaler_enabled"]) == ("cpu", True, False)
+    assert ported["train_loss"] == plain["train_loss"] and ported["eval"] == plain["eval"]  # bit for bit
+    assert ported["resumed_equal"]  # torch.load(map_location='cuda') of its own checkpoint
+    assert "compute capability 0.0: flash attention off" in stdout and "resident" in stdout  # memory_summary
+    assert ported["max_memory_allocated"] > 0
+
+
+def test_nanogpt_shaped_training_under_autocast_and_grad_scaler(tmp_path):
+    fp32, _ = _ported(tmp_path / "fp32.json", "--dtype=float32")
+    default, _ = _ported(tmp_path / "default.json")  # dtype from torch.cuda.is_bf16_supported()
+    fp16, _ = _ported(tmp_path / "fp16.json", "--dtype=float16")
+    assert default["dtype"] == "bfloat16" and not default["scaler_enabled"]
+    assert fp16["scaler_enabled"] and fp16["scale"] > 1  # GradScaler('cuda') scales on the host
+    for run in (default, fp16):  # autocast really ran in the low precision, and training still works
+        assert run["train_loss"] != fp32["train_loss"]
+        assert max(abs(a - b) for a, b in zip(run["train_loss"], fp32["train_loss"])) < 0.05
+        assert run["eval"][-1]["train"] < run["eval"][0]["train"] + 0.05
+
+
+def test_nanogpt_shaped_training_compiled(tmp_path):
+    ported, _ = _ported(tmp_path / "ported.json", "--dtype=float32", "--compile=True")
+    plain = _plain(tmp_path / "plain.json", "--dtype=float32", "--compile=True")
+    assert ported["train_loss"] == plain["train_loss"] and ported["eval"] == plain["eval"]
+
+
+def test_nanogpt_shaped_training_on_two_ranks_over_nccl(tmp_path):
+    migrate.disable()
+    _launch("-m", "accel.migrate", "--target", "torch:cpu", str(NANOGPT), f"--out_json={tmp_path / 'ported.json'}",
+            "--dtype=float32")
+    _launch(str(NANOGPT), *PLAIN_CPU, f"--out_json={tmp_path / 'plain.json'}", "--dtype=float32")
+    ported, plain = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ported", "plain"))
+    assert ported["world"] == 2 and ported["device"] == "cpu"
+    assert ported["train_loss"] == plain["train_loss"] and ported["eval"] == plain["eval"]
