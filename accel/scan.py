@@ -1,17 +1,31 @@
-"""`accel scan`: what ties a Python repository to CUDA, and what each tie becomes on a target.
+"""`accel scan`: what ties a repository to CUDA, and what each tie becomes on a target.
 
-Every *.py file under a directory (hidden directories, virtualenvs, __pycache__, site-packages and
-node_modules skipped) is parsed with `ast`, never imported or run. The patterns and their per-target
-severity, replacement and reason are data: accel/scan_patterns.yaml. Names are resolved through the
-file's imports (`import torch as th`, `from torch import cuda`), so a local variable or function called
-`cuda`, an attribute `.cuda` that is not called, and "cuda" in a comment or docstring are not findings.
-A file whose text holds nothing any pattern could match (`Triggers`) is not parsed at all: most of a
-large generated file's cost was the parse.
+Files are read, never imported or run (hidden directories, virtualenvs, __pycache__, site-packages and
+node_modules skipped); the table's `files` section says which kind each file name is:
+
+- Python (*.py) is parsed with `ast`. Names are resolved through the file's imports (`import torch as th`,
+  `from torch import cuda`), so a local variable or function called `cuda`, an attribute `.cuda` that is
+  not called, and "cuda" in a comment or docstring are not findings. Keyword arguments and string-keyed
+  dict entries are matched by name and constant value (`load_in_8bit=True`; `load_in_8bit=False` is not).
+  In setup.py, the requirement strings given to setup() are matched as a requirements file's lines.
+- requirements files, pyproject.toml dependencies: package names compared PEP 503-normalised.
+- JSON and YAML: DeepSpeed and accelerate configs (told apart by their top-level keys), and backend
+  settings in any config. A finding's line is its key's line (JSON's found by a tokenizer, YAML's from
+  the parser's marks).
+- Shell scripts and Makefiles: commands, with comments and what echo/printf print left out.
+
+The patterns and their per-target severity, replacement and reason are data: accel/scan_patterns.yaml.
+A CUDA tie inside an optional-import guard (`try: import x / except ImportError`, `if is_x_available():`,
+the table's `guards`) is informational: the code already runs without it. A Python or config file whose
+text holds nothing any pattern could match (`Triggers`) is not parsed at all: most of a large generated
+file's cost was the parse.
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
+import fnmatch
 import json
 import os
 import re
@@ -28,10 +42,15 @@ import yaml
 
 from accel.errors import AccelError, UsageError
 
-SEVERITIES = ("runs-via-migrate", "needs-replacement", "no-equivalent")  # least to most work
+SEVERITIES = ("informational", "runs-via-migrate", "needs-replacement", "no-equivalent")  # least to most work
 TARGETS = ("npu", "mindspore", "tvm", "xla")
+TORCH_COLUMNS = ("npu",)  # the columns whose target is a torch device: only there can accel.migrate run code
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "node_modules", "venv"})
-_MATCH_KINDS = frozenset({"names", "imports", "method_call", "strings", "fstrings", "compare", "calls", "decorators"})
+FILE_KINDS = ("setup", "python", "requirements", "pyproject", "config", "shell")
+_MATCH_KINDS = frozenset({"names", "imports", "method_call", "strings", "fstrings", "compare", "calls",
+                          "decorators", "keywords", "packages", "requirement_text", "config", "shell"})
+_SETUP_KEYWORDS = ("install_requires", "extras_require", "setup_requires", "tests_require")
+_Memo = dict[tuple[Any, ...], Any]  # (kind, what matched) -> what the table makes of it, for one scan's files
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,30 @@ class CallMatch:
 
 
 @dataclass(frozen=True)
+class KeywordMatch:
+    name: str  # a keyword argument or string dict key, * and ? as in fnmatch
+    values: tuple[Any, ...] | None = None  # constants it must equal (True is not 1); None with no value_names: any
+    value_names: tuple[str, ...] = ()  # or qualified names it must be (torch.bfloat16)
+
+    def matches(self, name: str, value: tuple[Any, ...]) -> bool:
+        """`value`: ("constant", type name, v), ("name", qualified name) or ("other",)."""
+        if not fnmatch.fnmatchcase(name, self.name):
+            return False
+        if self.values is None and not self.value_names:
+            return True
+        if value[0] == "constant":
+            return any(type(c) is type(value[2]) and c == value[2] for c in self.values or ())
+        return value[0] == "name" and value[1] in self.value_names
+
+
+@dataclass(frozen=True)
+class ConfigMatch:
+    key: str  # dotted path from the document's root, * and ? as in fnmatch (a * crosses dots)
+    values: tuple[str, ...] | None  # casefolded scalars (true, cpu); None: any value
+    document: str  # "any" or a kind of the table's `documents`
+
+
+@dataclass(frozen=True)
 class Pattern:
     id: str
     summary: str
@@ -58,9 +101,48 @@ class Pattern:
     method_call: tuple[str, ...] = ()
     strings: tuple[re.Pattern[str], ...] = ()
     fstrings: tuple[str, ...] = ()
-    compare: bool = False
+    compare: str = ""  # "any": only compared strings; "device": only those compared against a torch device
     calls: tuple[CallMatch, ...] = ()
     decorators: tuple[str, ...] = ()
+    keywords: tuple[KeywordMatch, ...] = ()
+    packages: tuple[str, ...] = ()  # PEP 503-normalised names, * and ? as in fnmatch
+    requirement_text: tuple[re.Pattern[str], ...] = ()
+    config: tuple[ConfigMatch, ...] = ()
+    shell: tuple[re.Pattern[str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Guards:
+    """What makes code optional: it runs only where an import succeeded or a package was found."""
+
+    exceptions: frozenset[str]  # a try whose handler catches one of these guards its body and else
+    calls: re.Pattern[str]  # an if whose test calls a function so named (last component) guards its body
+    names: frozenset[str]  # an if whose test reads one of these names (TYPE_CHECKING) guards its body
+
+
+@dataclass
+class Table:
+    """accel/scan_patterns.yaml, validated: the patterns and what says which files and code they apply to."""
+
+    patterns: tuple[Pattern, ...]
+    files: dict[str, tuple[str, ...]]  # kind -> file name globs, in the order they are tried
+    documents: dict[str, tuple[str, ...]]  # config document kind -> top-level keys that identify it
+    guards: Guards
+    _globs: list[tuple[int, str, re.Pattern[str]]] = field(init=False, repr=False)
+    using: dict[str, tuple[Pattern, ...]] = field(init=False, repr=False)  # match kind -> its patterns, in order
+
+    def __post_init__(self) -> None:
+        self._globs = [(g.count("/") + 1, kind, re.compile(fnmatch.translate(g)))
+                       for kind, globs in self.files.items() for g in globs]
+        self.using = {kind: tuple(p for p in self.patterns if getattr(p, kind)) for kind in _MATCH_KINDS}
+
+    def kind(self, path: str) -> str | None:
+        """The kind of a file by its path relative to the scanned root (a glob with / matches its tail)."""
+        parts = path.split("/")
+        for depth, kind, glob in self._globs:
+            if glob.match("/".join(parts[-depth:])):
+                return kind
+        return None
 
 
 @dataclass(frozen=True)
@@ -71,10 +153,21 @@ class Finding:
     severity: str
     replacement: str
     code: str  # what matched, for the text and markdown reports
+    migrate: bool  # accel.migrate handles it: the rule's severity is runs-via-migrate
+    guard: int = 0  # the line of the optional-import guard that makes it informational, 0 if none
+
+    @classmethod
+    def of(cls, p: Pattern, target: str, file: str, line: int, code: str, guard: int = 0) -> Finding:
+        rule = p.rules[target]
+        return cls(file, line, p.id, "informational" if guard else rule.severity, rule.replacement, code,
+                   rule.severity == "runs-via-migrate", guard)
 
     def as_json(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "pattern": self.pattern, "severity": self.severity,
-                "replacement": self.replacement}
+                "replacement": self.replacement, "migrate": self.migrate, "guard": self.guard or None}
+
+
+# --- the table -----------------------------------------------------------------------------------------
 
 
 def _strings(value: Any, where: str) -> tuple[str, ...]:
@@ -85,7 +178,36 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _pattern(entry: Any, where: str) -> Pattern:
+def _regexes(value: Any, where: str) -> tuple[re.Pattern[str], ...]:
+    try:
+        return tuple(re.compile(s) for s in _strings(value, where))
+    except re.error as e:
+        raise AccelError(f"{where}: bad regular expression: {e}") from None
+
+
+def _scalars(value: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, (bool, int, float, str)) for v in value):
+        raise AccelError(f"{where}: values must be a list of constants, got {value!r}")
+    return tuple(value)
+
+
+def _canon(value: Any) -> str:
+    """A config scalar as the table compares it: JSON's and YAML's true is "true", case does not count."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value).casefold()
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def _entries(value: Any, where: str, required: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(e, dict) and isinstance(e.get(required), str)
+                                              for e in value):
+        raise AccelError(f"{where}: entries are mappings with a {required}")
+    return value
+
+
+def _pattern(entry: Any, where: str, documents: dict[str, tuple[str, ...]]) -> Pattern:
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
         raise AccelError(f"{where}: each pattern needs an id, a summary, a match and targets")
     where = f"{where}: pattern {entry['id']}"
@@ -98,31 +220,48 @@ def _pattern(entry: Any, where: str) -> Pattern:
     for target, rule in targets.items():
         if not isinstance(rule, dict) or rule.get("severity") not in SEVERITIES:
             raise AccelError(f"{where}: {target}: severity must be one of {', '.join(SEVERITIES)}")
+        if rule["severity"] == "runs-via-migrate" and target not in TORCH_COLUMNS:
+            raise AccelError(f"{where}: {target}: runs-via-migrate is for torch targets "
+                             f"({', '.join(TORCH_COLUMNS)})")
         for key in ("replacement", "reason"):
             if not isinstance(rule.get(key), str) or not rule[key].strip():
                 raise AccelError(f"{where}: {target}: {key} must be a non-empty string")
         rules[target] = Rule(rule["severity"], rule["replacement"].strip(), rule["reason"].strip())
     calls = []
-    for call in match.get("calls", []):
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise AccelError(f"{where}: calls entries are mappings with a name")
+    for call in _entries(match.get("calls", []), f"{where}: calls", "name"):
         arg = call.get("if_argument")
         calls.append(CallMatch(call["name"], _strings(call.get("if_strings_end", []), where),
                                (str(arg[0]), int(arg[1])) if arg else None))
-    try:
-        strings = tuple(re.compile(s) for s in _strings(match.get("strings", []), where))
-    except re.error as e:
-        raise AccelError(f"{where}: bad regular expression: {e}") from None
+    keywords = []
+    for k in _entries(match.get("keywords", []), f"{where}: keywords", "name"):
+        names = _strings(k.get("value_names", []), where)
+        values = _scalars(k["values"], where) if "values" in k else (() if names else None)
+        keywords.append(KeywordMatch(k["name"], values, names))
+    config = []
+    for c in _entries(match.get("config", []), f"{where}: config", "key"):
+        document = c.get("in", "any")
+        if document != "any" and document not in documents:
+            raise AccelError(f"{where}: config `in` must be any or one of {', '.join(documents)}, "
+                             f"got {document!r}")
+        values = tuple(_canon(v) for v in _scalars(c["values"], where)) if "values" in c else None
+        config.append(ConfigMatch(c["key"], values, document))
+    compare = match.get("compare", False)
+    if compare not in (True, False, "device"):
+        raise AccelError(f"{where}: compare must be true or device, got {compare!r}")
     return Pattern(
         entry["id"], str(entry.get("summary", "")), rules,
         names=_strings(match.get("names", []), where), imports=_strings(match.get("imports", []), where),
-        method_call=_strings(match.get("method_call", []), where), strings=strings,
-        fstrings=_strings(match.get("fstrings", []), where), compare=bool(match.get("compare", False)),
-        calls=tuple(calls), decorators=_strings(match.get("decorators", []), where),
+        method_call=_strings(match.get("method_call", []), where),
+        strings=_regexes(match.get("strings", []), where), fstrings=_strings(match.get("fstrings", []), where),
+        compare="any" if compare is True else compare or "",
+        calls=tuple(calls), decorators=_strings(match.get("decorators", []), where), keywords=tuple(keywords),
+        packages=tuple(_normalise(n) for n in _strings(match.get("packages", []), where)),
+        requirement_text=_regexes(match.get("requirement_text", []), where), config=tuple(config),
+        shell=_regexes(match.get("shell", []), where),
     )
 
 
-def load_patterns(path: str | Path | None = None) -> list[Pattern]:
+def load_table(path: str | Path | None = None) -> Table:
     """The pattern table (default: the reviewed accel/scan_patterns.yaml), validated."""
     if path is None:
         text = resources.files("accel").joinpath("scan_patterns.yaml").read_text(encoding="utf-8")
@@ -132,14 +271,25 @@ def load_patterns(path: str | Path | None = None) -> list[Pattern]:
     data = yaml.safe_load(text)
     if not isinstance(data, dict) or not isinstance(data.get("patterns"), list):
         raise AccelError(f"{where}: expected a mapping with a `patterns` list")
-    patterns = [_pattern(entry, where) for entry in data["patterns"]]
+    files, documents, guards = data.get("files"), data.get("documents"), data.get("guards")
+    if not isinstance(files, dict) or list(files) != list(FILE_KINDS):
+        raise AccelError(f"{where}: files must map {', '.join(FILE_KINDS)} (in this order) to file name globs")
+    if not isinstance(documents, dict) or "any" in documents:
+        raise AccelError(f"{where}: documents must map config kinds (not `any`) to their top-level keys")
+    if not isinstance(guards, dict) or set(guards) != {"exceptions", "calls", "names"}:
+        raise AccelError(f"{where}: guards must list exceptions, calls and names")
+    documents = {kind: _strings(keys, f"{where}: documents") for kind, keys in documents.items()}
+    patterns = [_pattern(entry, where, documents) for entry in data["patterns"]]
     ids = [p.id for p in patterns]
     if len(set(ids)) != len(ids):
         raise AccelError(f"{where}: duplicate pattern ids: {sorted(i for i, n in Counter(ids).items() if n > 1)}")
-    return patterns
+    calls = "|".join(f"(?:{r.pattern})" for r in _regexes(guards["calls"], f"{where}: guards"))
+    return Table(tuple(patterns), {kind: _strings(g, f"{where}: files") for kind, g in files.items()}, documents,
+                 Guards(frozenset(_strings(guards["exceptions"], where)), re.compile(calls),
+                        frozenset(_strings(guards["names"], where))))
 
 
-# --- one file ------------------------------------------------------------------------------------------
+# --- Python --------------------------------------------------------------------------------------------
 
 
 def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
@@ -169,14 +319,32 @@ def _aliases(tree: ast.Module) -> dict[str, str]:
     return out
 
 
+def _device_valued(node: ast.AST) -> bool:
+    """x.device, x.device.type, dev.type, str(x.device): what torch reports, which says "npu" under accel
+    run (migrate maps what reaches torch, not what torch.device says), unlike the script's own string."""
+    if isinstance(node, ast.Call) and _last_name(node.func) == "str" and len(node.args) == 1:
+        node = node.args[0]
+    return isinstance(node, ast.Attribute) and node.attr in ("device", "type")
+
+
+def _last_name(node: ast.AST) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
 class _FileScanner(ast.NodeVisitor):
-    def __init__(self, patterns: Sequence[Pattern], target: str, aliases: dict[str, str], file: str,
-                 memo: dict[tuple[Any, ...], Pattern | None]):
-        self.patterns, self.target, self.aliases, self.file = patterns, target, aliases, file
+    def __init__(self, table: Table, target: str, aliases: dict[str, str], file: str,
+                 memo: _Memo, tree: ast.Module):
+        self.table, self.using, self.guards, self.target = table, table.using, table.guards, target
+        self.aliases, self.file = aliases, file
         self.memo = memo  # (kind, what matched) -> its first pattern, shared by the files of one scan
-        self.compared: set[int] = set()  # ids of string nodes that are compared against
+        self.compared: dict[int, str] = {}  # id of a string node compared against -> "device" or "value"
+        self.subjects: list[str] = []  # for each match statement being visited: its subject's kind
         self.findings: dict[tuple[int, str], Finding] = {}
         self.torch_bound = False  # the file assigns the name torch
+        self.guard = 0  # line of the innermost optional-import guard around the code being visited
+        self.setup = file.rsplit("/", 1)[-1] == "setup.py"
+        self.module_values = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign)
+                              for t in n.targets if isinstance(t, ast.Name)} if self.setup else {}
 
     def qualname(self, node: ast.AST) -> str | None:
         parts = []
@@ -187,11 +355,12 @@ class _FileScanner(ast.NodeVisitor):
             return None
         return ".".join([self.aliases[node.id], *reversed(parts)])
 
-    def report(self, node: ast.AST, code: str, matches: Any, key: tuple[Any, ...] | None = None) -> None:
-        """The first pattern (table order) for which matches(pattern) holds becomes a finding. `key`
-        says what matches depends on, when that is all it depends on: the answer is then looked up once."""
+    def report(self, node: ast.AST, code: str, kind: str, matches: Any, key: tuple[Any, ...] | None = None) -> None:
+        """The first pattern (table order) using match `kind` for which matches(pattern) holds becomes a
+        finding. `key` says what matches depends on, when that is all it depends on: the answer is then
+        looked up once."""
         if key is None or key not in self.memo:
-            first = next((p for p in self.patterns if matches(p)), None)
+            first = next((p for p in self.using[kind] if matches(p)), None)
             if key is None:
                 return self._found(node, code, first)
             self.memo[key] = first
@@ -199,56 +368,129 @@ class _FileScanner(ast.NodeVisitor):
 
     def _found(self, node: ast.AST, code: str, p: Pattern | None) -> None:
         if p is not None:
-            rule = p.rules[self.target]
             line = getattr(node, "lineno", 0)
-            self.findings.setdefault((line, p.id), Finding(self.file, line, p.id, rule.severity,
-                                                           rule.replacement, code))
+            self.findings.setdefault((line, p.id), Finding.of(p, self.target, self.file, line, code, self.guard))
 
     @staticmethod
     def _under(name: str, prefixes: Sequence[str]) -> bool:
         return any(name == p or name.startswith(p + ".") for p in prefixes)
 
+    # optional-import guards
+    def _block(self, body: list[ast.stmt], guard: int) -> None:
+        outer = self.guard
+        self.guard = outer or guard
+        for node in body:
+            self.visit(node)
+        self.guard = outer
+
+    def _is_guard(self, node: ast.AST) -> bool:
+        if isinstance(node, ast.Call):
+            name = _last_name(node.func)
+            return bool(name and self.guards.calls.fullmatch(name))
+        return _last_name(node) in self.guards.names
+
+    def visit_If(self, node: ast.If) -> None:
+        self.visit(node.test)
+        negated = isinstance(node.test, ast.UnaryOp) and isinstance(node.test.op, ast.Not)
+        guarded = any(self._is_guard(n) for n in ast.walk(node.test))
+        self._block(node.body, node.lineno if guarded and not negated else 0)
+        self._block(node.orelse, node.lineno if guarded and negated else 0)  # if not is_x_available(): ... else
+
+    def visit_Try(self, node: ast.Try | ast.TryStar) -> None:
+        caught = [n for h in node.handlers if h.type is not None
+                  for n in (h.type.elts if isinstance(h.type, ast.Tuple) else [h.type])]
+        guard = node.lineno if any(_last_name(n) in self.guards.exceptions for n in caught) else 0
+        self._block(node.body, guard)
+        for handler in node.handlers:  # the fallback runs where the import failed: not optional
+            self.visit(handler)
+        self._block(node.orelse, guard)
+        self._block(node.finalbody, 0)
+
+    visit_TryStar = visit_Try
+
     # imports
     def visit_Import(self, node: ast.Import) -> None:
         for a in node.names:
-            self.report(node, f"import {a.name}", lambda p, m=a.name: self._under(m, p.imports), ("import", a.name))
+            self.report(node, f"import {a.name}", "imports", lambda p, m=a.name: self._under(m, p.imports),
+                        ("import", a.name))
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level or not node.module:  # relative imports are the repository's own modules
             return
         for a in node.names:
             module = node.module if a.name == "*" else f"{node.module}.{a.name}"
-            self.report(node, f"from {node.module} import {a.name}",
+            self.report(node, f"from {node.module} import {a.name}", "imports",
                         lambda p, m=module: self._under(m, p.imports), ("import", module))
 
-    # names, calls, decorators
+    # names, calls, decorators, keywords
     def visit_Name(self, node: ast.Name) -> None:
         if node.id == "torch" and isinstance(node.ctx, ast.Store):
             self.torch_bound = True
         q = self.aliases.get(node.id)
         if q:
-            self.report(node, q, lambda p: self._under(q, p.names), ("name", q))
+            self.report(node, q, "names", lambda p: self._under(q, p.names), ("name", q))
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         q = self.qualname(node)
         if q is None:
             self.generic_visit(node)
         else:  # the outermost resolved name only: torch.cuda.amp.autocast, not torch.cuda as well
-            self.report(node, q, lambda p: self._under(q, p.names), ("name", q))
+            self.report(node, q, "names", lambda p: self._under(q, p.names), ("name", q))
 
     def visit_Call(self, node: ast.Call) -> None:
         q = self.qualname(node.func)
         if q and ("call", q) not in self.memo:  # whether any pattern calls q at all
-            self.memo["call", q] = next((p for p in self.patterns if any(c.name == q for c in p.calls)), None)
+            self.memo["call", q] = next((p for p in self.using["calls"] if any(c.name == q for c in p.calls)), None)
         if q and self.memo["call", q]:
-            self.report(node, f"{q}(...)", lambda p: any(self._call_matches(c, q, node) for c in p.calls))
+            self.report(node, f"{q}(...)", "calls", lambda p: any(self._call_matches(c, q, node) for c in p.calls))
         if isinstance(node.func, ast.Attribute):
             if not (q or "").startswith("torch."):  # torch.cuda(...) is the module, not a .cuda() method
                 attr = node.func.attr
-                self.report(node, f".{attr}()", lambda p: attr in p.method_call, ("method", attr))
+                self.report(node, f".{attr}()", "method_call", lambda p: attr in p.method_call, ("method", attr))
             if node.func.attr in ("startswith", "endswith"):
-                self.compared.update(id(a) for a in node.args)
+                for a in node.args:
+                    self._compare(a, _device_valued(node.func.value))
+        for k in node.keywords:
+            if k.arg:
+                self._keyword(k, k.arg, k.value)
+        if self.setup and _last_name(node.func) == "setup":
+            self._setup(node)
         self.generic_visit(node)
+
+    def visit_Dict(self, node: ast.Dict) -> None:
+        for key, value in zip(node.keys, node.values, strict=True):
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                self._keyword(key, key.value, value)
+        self.generic_visit(node)
+
+    def _keyword(self, at: ast.AST, name: str, value: ast.expr) -> None:
+        """f(name=value) or {"name": value}."""
+        if ("keyword", name) not in self.memo:  # whether any pattern names this keyword at all
+            self.memo["keyword", name] = any(fnmatch.fnmatchcase(name, k.name)
+                                             for p in self.using["keywords"] for k in p.keywords)
+        if not self.memo["keyword", name]:
+            return
+        if isinstance(value, ast.Constant):
+            v: tuple[Any, ...] = ("constant", type(value.value).__name__, value.value)
+            shown = repr(value.value)
+        else:
+            q = self.qualname(value)
+            v, shown = (("name", q), q) if q else (("other",), "...")
+        self.report(at, f"{name}={shown}", "keywords", lambda p: any(k.matches(name, v) for k in p.keywords),
+                    ("keyword", name, v))
+
+    def _setup(self, node: ast.Call) -> None:
+        """setup(install_requires=[...], extras_require={...}): each requirement string, module-level
+        names they are given through (REQUIRED = [...]) included."""
+        seen: set[str] = set()
+        todo = [k.value for k in node.keywords if k.arg in _SETUP_KEYWORDS]
+        while todo:
+            for n in ast.walk(todo.pop()):
+                if isinstance(n, ast.Name) and n.id in self.module_values and n.id not in seen:
+                    seen.add(n.id)
+                    todo.append(self.module_values[n.id])
+                elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                    self._found(n, n.value.strip(), _requirement_pattern(n.value, self.table, self.memo))
 
     def _call_matches(self, c: CallMatch, q: str, node: ast.Call) -> bool:
         if c.name != q:
@@ -269,7 +511,7 @@ class _FileScanner(ast.NodeVisitor):
         for d in node.decorator_list:
             q = self.qualname(d.func if isinstance(d, ast.Call) else d)
             if q:
-                self.report(d, f"@{q}", lambda p, q=q: q in p.decorators, ("decorator", q))
+                self.report(d, f"@{q}", "decorators", lambda p, q=q: q in p.decorators, ("decorator", q))
         self.generic_visit(node)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _decorated
@@ -280,50 +522,328 @@ class _FileScanner(ast.NodeVisitor):
             return  # a docstring or a bare string statement: text, not a value
         self.generic_visit(node)
 
+    def _compare(self, node: ast.AST, device: bool) -> None:
+        """Mark a compared operand (each element of a literal list, tuple or set: `t in ["cuda", "xpu"]`)."""
+        for n in node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else [node]:
+            if self.compared.get(id(n)) != "device":
+                self.compared[id(n)] = "device" if device else "value"
+
     def visit_Compare(self, node: ast.Compare) -> None:
-        self.compared.update(id(o) for o in [node.left, *node.comparators])
+        operands = [node.left, *node.comparators]
+        device = any(_device_valued(o) for o in operands)
+        for o in operands:
+            self._compare(o, device)
         self.generic_visit(node)
 
-    def visit_MatchValue(self, node: ast.MatchValue) -> None:
-        self.compared.add(id(node.value))
+    def visit_Match(self, node: ast.Match) -> None:
+        self.subjects.append("device" if _device_valued(node.subject) else "value")
         self.generic_visit(node)
+        self.subjects.pop()
+
+    def visit_MatchValue(self, node: ast.MatchValue) -> None:
+        self._compare(node.value, self.subjects[-1] == "device")
+        self.generic_visit(node)
+
+    @staticmethod
+    def _compared_ok(p: Pattern, compared: str | None) -> bool:
+        return not p.compare or (compared is not None and p.compare in ("any", compared))
 
     def visit_Constant(self, node: ast.Constant) -> None:
         if isinstance(node.value, str):
-            value, compared = node.value, id(node) in self.compared
-            self.report(node, repr(value), lambda p: (compared or not p.compare)
+            value, compared = node.value, self.compared.get(id(node))
+            self.report(node, repr(value), "strings", lambda p: self._compared_ok(p, compared)
                         and any(r.fullmatch(value) for r in p.strings), ("string", value, compared))
 
     def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
         # An f-string is judged by its shape, f"cuda:{rank}" -> "cuda:{}": a log message that mentions
         # nccl is text, a device string built from a rank is a value.
         shape = "".join(str(v.value) if isinstance(v, ast.Constant) else "{}" for v in node.values)
-        compared = id(node) in self.compared
-        self.report(node, f"f{shape!r}", lambda p: (compared or not p.compare) and shape in p.fstrings,
+        compared = self.compared.get(id(node))
+        self.report(node, f"f{shape!r}", "fstrings", lambda p: self._compared_ok(p, compared) and shape in p.fstrings,
                     ("fstring", shape, compared))
         for v in node.values:
             if isinstance(v, ast.FormattedValue):
                 self.visit(v.value)
 
 
+def _scan_python(source: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
+    tree = ast.parse(source, filename=file)
+    aliases = _aliases(tree)
+    scanner = _FileScanner(table, target, {"torch": "torch", **aliases}, file, memo, tree)
+    scanner.visit(tree)
+    if scanner.torch_bound and "torch" not in aliases:  # `torch` means torch unless the file binds it otherwise
+        scanner = _FileScanner(table, target, aliases, file, memo, tree)
+        scanner.visit(tree)
+    return list(scanner.findings.values())
+
+
+# --- requirements: requirements files, setup.py, pyproject.toml ------------------------------------------
+
+_REQUIREMENT_NAME = re.compile(r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
+
+
+def _requirement_pattern(text: str, table: Table, memo: _Memo) -> Pattern | None:
+    """The first pattern that one requirement (`flash-attn>=2; python_version>'3.8'`, `x @ URL`) or pip
+    option line (`--extra-index-url URL`) names: by its normalised package name or its text."""
+    if ("requirement", text) not in memo:
+        m = None if text.lstrip().startswith("-") else _REQUIREMENT_NAME.match(text)
+        name = _normalise(m.group(1)) if m else ""
+        memo["requirement", text] = next(
+            (p for p in table.patterns if name and any(fnmatch.fnmatchcase(name, g) for g in p.packages)
+             or any(r.search(text) for r in p.requirement_text)), None)
+    return memo["requirement", text]
+
+
+def _scan_requirements(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        requirement = re.sub(r"(^|\s)#.*", "", line).strip()  # pip: a comment starts at a # after a space
+        p = _requirement_pattern(requirement, table, memo) if requirement else None
+        if p:
+            out.append(Finding.of(p, target, file, number, requirement))
+    return out
+
+
+class _Lines:
+    """Line numbers of text found again by regular expression, for parsers that keep no positions: each
+    search goes on from the previous hit of the same expression, so a repeated string gets its own line."""
+
+    def __init__(self, text: str):
+        self.lines, self.after = text.splitlines(), dict[str, int]()
+
+    def find(self, regex: str) -> int:
+        r = re.compile(regex)
+        start = self.after.get(regex, 0)
+        for i in range(start, len(self.lines)):
+            if r.search(self.lines[i]):
+                self.after[regex] = i + 1
+                return i + 1
+        return 0
+
+
+def _scan_pyproject(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
+    """[project] dependencies and optional-dependencies, [build-system] requires, [dependency-groups],
+    poetry's dependency tables (keys are the names) and the index URLs of poetry and uv."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ValueError("reading pyproject.toml needs Python 3.11 or later (tomllib)") from None
+    data = tomllib.loads(text)
+    lists = lambda v: v if isinstance(v, list) else []  # noqa: E731
+    tables = lambda v: v if isinstance(v, dict) else {}  # noqa: E731
+    project, tool = tables(data.get("project")), tables(data.get("tool"))
+    poetry, uv = tables(tool.get("poetry")), tables(tool.get("uv"))
+    strings = [*lists(project.get("dependencies")), *lists(tables(data.get("build-system")).get("requires")),
+               *(s for group in tables(project.get("optional-dependencies")).values() for s in lists(group)),
+               *(s for group in tables(data.get("dependency-groups")).values() for s in lists(group)),
+               *(tables(s).get("url") for s in [*lists(poetry.get("source")), *lists(uv.get("index"))])]
+    names = [*tables(poetry.get("dependencies")), *tables(poetry.get("dev-dependencies")),
+             *(n for g in tables(poetry.get("group")).values() for n in tables(tables(g).get("dependencies")))]
+    lines, out = _Lines(text), []
+    for s in strings:
+        if isinstance(s, str) and (p := _requirement_pattern(s, table, memo)):
+            out.append(Finding.of(p, target, file, lines.find(rf"""(["']){re.escape(s)}\1"""), s))
+    for n in names:
+        if p := _requirement_pattern(n, table, memo):
+            out.append(Finding.of(p, target, file, lines.find(rf"""^\s*["']?{re.escape(n)}["']?\s*="""), n))
+    return out
+
+
+# --- configs: JSON and YAML --------------------------------------------------------------------------
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]|[^\s{}\[\],:"]+')
+
+
+def _json_leaves(text: str) -> tuple[set[str], list[tuple[str, Any, int]]]:
+    """(top-level keys, [(dotted key path, scalar, line)]) of a JSON document. json keeps no positions:
+    its tokens are walked again, a value's line being its key's (an array element's, its own)."""
+    json.loads(text)  # a document json rejects is a warning, as a Python file that does not parse
+    frames: list[list[Any]] = []  # per open container: [is_object, key, key's line, expecting a key]
+    top: set[str] = set()
+    leaves, line, pos = [], 1, 0
+    for m in _JSON_TOKEN.finditer(text):
+        line += text.count("\n", pos, m.start())
+        pos, tok = m.start(), m.group()
+        frame = frames[-1] if frames else None
+        if tok in "{[":
+            frames.append([tok == "{", None, line, tok == "{"])
+        elif tok in "}]":
+            frames.pop()
+        elif tok == ",":
+            if frame and frame[0]:
+                frame[3] = True
+        elif tok != ":":
+            value = json.loads(tok)
+            if frame and frame[0] and frame[3]:
+                frame[1:4] = [str(value), line, False]
+                if len(frames) == 1:
+                    top.add(str(value))
+            else:
+                path = ".".join(f[1] for f in frames if f[0])
+                leaves.append((path, value, frame[2] if frame and frame[0] else line))
+    return top, leaves
+
+
+def _yaml_leaves(root: yaml.Node) -> tuple[set[str], list[tuple[str, Any, int]]]:
+    """The same for one YAML document, from the composed node tree (marks give the lines). A node shared
+    through an alias is walked once."""
+    mapping = isinstance(root, yaml.MappingNode)
+    top = {k.value for k, _ in root.value if isinstance(k, yaml.ScalarNode)} if mapping else set()
+    leaves: list[tuple[str, Any, int]] = []
+    seen: set[int] = set()
+    todo: list[tuple[yaml.Node, str, int]] = [(root, "", root.start_mark.line + 1)]
+    while todo:
+        node, path, line = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):  # pushed last to first: walked in document order
+            todo += [(v, f"{path}.{k.value}" if path else str(k.value), k.start_mark.line + 1)
+                     for k, v in reversed(node.value)]
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(v, path, v.start_mark.line + 1) for v in reversed(node.value)]
+        else:
+            boolean = node.tag.endswith(":bool")
+            leaves.append((path, node.value.lower() in ("true", "yes", "on") if boolean else node.value, line))
+    return top, leaves
+
+
+def _scan_config(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
+    if file.endswith(".json"):
+        documents = [_json_leaves(text)]
+    else:
+        documents = [_yaml_leaves(node) for node in yaml.compose_all(text, Loader=yaml.SafeLoader)
+                     if node is not None]
+    out: dict[tuple[int, str], Finding] = {}
+    for top, leaves in documents:
+        kinds = frozenset({"any", *(kind for kind, keys in table.documents.items() if top.intersection(keys))})
+        for path, value, line in leaves:
+            key = ("config", kinds, path, _canon(value))
+            if key not in memo:
+                memo[key] = next((p for p in table.using["config"] for c in p.config if c.document in kinds
+                                  and fnmatch.fnmatchcase(path, c.key)
+                                  and (c.values is None or key[3] in c.values)), None)
+            if p := memo[key]:
+                shown = json.dumps(value) if isinstance(value, bool) or value is None else value
+                out.setdefault((line, p.id), Finding.of(p, target, file, line, f"{path}: {shown}"))
+    return list(out.values())
+
+
+# --- shell scripts and Makefiles ---------------------------------------------------------------------------
+
+_HEREDOC = re.compile(r"(?<!<)<<-?(?!<)\s*['\"]?(\w+)")
+
+
+def _shell_commands(text: str) -> Iterator[tuple[int, list[int], str]]:
+    """(line, where each further line starts in it, command) for each command of a script: lines ending
+    in a backslash joined, comments dropped, split at ; & | outside quotes, here-documents skipped. A
+    command that echoes or prints (echo "check nvidia-smi") is text, not a use; Make's @ and - prefixes
+    are dropped."""
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        first, parts = i, [lines[i]]
+        while parts[-1].endswith("\\") and i + 1 < len(lines):
+            i += 1
+            parts.append(lines[i])
+        i += 1
+        starts = [0]  # where each physical line begins in the joined one (a backslash becomes a space)
+        for p in parts[:-1]:
+            starts.append(starts[-1] + len(p))
+        logical = "".join(p[:-1] + " " for p in parts[:-1]) + parts[-1]
+        heredoc = None
+        for offset, command in _split_commands(logical):
+            heredoc = heredoc or _HEREDOC.search(command)
+            stripped = command.lstrip(" \t@-")
+            base = offset + len(command) - len(stripped)
+            words = [w for w in stripped.split() if not re.fullmatch(r"\w+=\S*", w)]
+            if stripped and words[:1] not in (["echo"], ["printf"]):
+                yield first + 1, [s - base for s in starts[1:]], stripped
+        if heredoc:  # its body is data, up to the terminator line
+            while i < len(lines) and lines[i].strip() != heredoc.group(1):
+                i += 1
+            i += 1
+
+
+def _split_commands(line: str) -> Iterator[tuple[int, str]]:
+    """(offset, text) of each command of one line, up to its comment; quotes and escapes respected."""
+    start, quote, i = 0, "", 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\" and quote == '"':
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "\\":
+            i += 1
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            break
+        elif ch in ";&|":
+            yield start, line[start:i]
+            start = i + 1
+        i += 1
+    yield start, line[start:i]
+
+
+def _scan_shell(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
+    out: dict[tuple[int, str], Finding] = {}
+    for first, starts, command in _shell_commands(text):
+        for p in table.using["shell"]:
+            for r in p.shell:
+                if m := r.search(command):
+                    line = first + bisect.bisect_right(starts, m.start())
+                    out.setdefault((line, p.id), Finding.of(p, target, file, line, command[:120].rstrip()))
+    return list(out.values())
+
+
+# --- one file --------------------------------------------------------------------------------------------
+
+
 class Triggers:
-    """What a source's text must contain for any pattern to match in it: a name's last component as a
-    word (every component of a resolved name is spelled in the file, in an import or at the use), a
-    method, an f-string's literal part, or what a string pattern requires. A file with none of them is
-    not parsed: a string spelled with escapes or split across adjacent literals ("cu" "da") is not seen
-    in it. Each is a plain substring test first, a regular expression only where that finds something."""
+    """What a file's text must contain for any pattern to match in it. Python: a name's root and last
+    component as a word (every component of a resolved name is spelled in the file, in an import or at the
+    use), a method or keyword, an f-string's or keyword glob's literal part, or what a string pattern
+    requires; a string spelled with escapes or split across adjacent literals ("cu" "da") is not seen in
+    it. Configs: a top-level key that identifies a document kind, or a value (or key) an `any`-document
+    entry needs. setup.py, requirements, pyproject and shell files are small and always read. Each is a
+    plain substring test first (a name's root once for all its names), a regular expression only where
+    that finds something."""
 
-    def __init__(self, patterns: Sequence[Pattern]):
-        words = {n.rsplit(".", 1)[-1] for p in patterns
-                 for n in (*p.names, *p.imports, *p.decorators, *(c.name for c in p.calls), *p.method_call)}
-        self.words = {w: re.compile(rf"\b{re.escape(w)}\b") for w in sorted(words)}
-        self.pieces = sorted({max(f.split("{}"), key=len) for p in patterns for f in p.fstrings} - {""})
-        self.strings = [(_required(r.pattern), r) for p in patterns for r in p.strings]
+    def __init__(self, table: Table):
+        patterns = table.patterns
+        globs = {k.name for p in patterns for k in p.keywords if re.search(r"[*?\[]", k.name)}
+        words = {(n.split(".")[0], n.rsplit(".", 1)[-1]) for p in patterns
+                 for n in (*p.names, *p.imports, *p.decorators, *(c.name for c in p.calls))}
+        words |= {(w, w) for p in patterns for w in (*p.method_call, *(k.name for k in p.keywords)) if w not in globs}
+        self.words: dict[str, list[tuple[str, re.Pattern[str]]]] = {}  # a root -> (word, its regex) under it
+        for root, w in sorted(words):
+            self.words.setdefault(root, []).append((w, re.compile(rf"\b{re.escape(w)}\b")))
+        self.pieces = sorted(({max(f.split("{}"), key=len) for p in patterns for f in p.fstrings}
+                              | {_literal(g) for g in globs}) - {""})
+        regexes = {r.pattern: r for p in patterns for r in p.strings}  # three patterns share cuda(:\d+)?
+        self.strings = [(_required(r.pattern), r) for r in regexes.values()]
+        anywhere = {v for p in patterns for c in p.config if c.document == "any"
+                    for v in c.values or [_literal(c.key)]}
+        self.keys = sorted({k for keys in table.documents.values() for k in keys})
+        self.values = re.compile("|".join(re.escape(v) for v in sorted(anywhere)) or "(?!)", re.IGNORECASE)
 
-    def __call__(self, text: str) -> bool:
-        return (any(w in text and r.search(text) for w, r in self.words.items())
+    def __call__(self, text: str, kind: str = "python") -> bool:
+        if kind == "config":
+            return any(k in text for k in self.keys) or bool(self.values.search(text))
+        if kind != "python":
+            return True
+        return (any(root in text and any(w in text and r.search(text) for w, r in words)
+                    for root, words in self.words.items())
                 or any(piece in text for piece in self.pieces)
                 or any((need is None or need in text) and r.search(text) for need, r in self.strings))
+
+
+def _literal(glob: str) -> str:
+    """The longest run of a glob that every match spells (within one dotted component)."""
+    return max(re.split(r"[*?\[\].]", glob), key=len)
 
 
 def _required(regex: str) -> str | None:
@@ -346,18 +866,17 @@ def _required(regex: str) -> str | None:
     return max([*runs, run], key=len) or None
 
 
-def scan_source(source: str, file: str, patterns: Sequence[Pattern], target: str,
-                memo: dict[tuple[Any, ...], Pattern | None] | None = None) -> list[Finding]:
-    """Findings in one file's source. Raises SyntaxError (or ValueError for NUL bytes) when it does not parse."""
-    tree = ast.parse(source, filename=file)
-    aliases, memo = _aliases(tree), {} if memo is None else memo
-    imported = "torch" in aliases
-    scanner = _FileScanner(patterns, target, {"torch": "torch", **aliases}, file, memo)
-    scanner.visit(tree)
-    if scanner.torch_bound and not imported:  # `torch` means torch unless the file binds it otherwise
-        scanner = _FileScanner(patterns, target, aliases, file, memo)
-        scanner.visit(tree)
-    return sorted(scanner.findings.values(), key=lambda f: (f.line, f.pattern))
+_READERS = {"setup": _scan_python, "python": _scan_python, "requirements": _scan_requirements,
+            "pyproject": _scan_pyproject, "config": _scan_config, "shell": _scan_shell}
+
+
+def scan_source(source: str, file: str, table: Table, target: str,
+                memo: _Memo | None = None, kind: str | None = None) -> list[Finding]:
+    """Findings in one file's text, read as `kind` (default: what its name says, Python if nothing).
+    Raises SyntaxError, ValueError (NUL bytes, JSON or TOML that does not parse) or yaml.YAMLError."""
+    read = _READERS[kind or table.kind(file) or "python"]
+    findings = read(source, file, table, target, {} if memo is None else memo)
+    return sorted(findings, key=lambda f: (f.line, f.pattern))
 
 
 # --- a repository --------------------------------------------------------------------------------------
@@ -367,13 +886,19 @@ def _skipped(d: Path) -> bool:
     return d.name.startswith(".") or d.name in SKIP_DIRS or (d / "pyvenv.cfg").exists()
 
 
-def python_files(root: Path) -> Iterator[Path]:
+def source_files(root: Path, table: Table) -> Iterator[tuple[Path, str]]:
+    """(file, kind) of every file under root that the table reads; a file given itself is read by its
+    kind, Python if its name says none."""
     if root.is_file():
-        yield root
+        yield root, table.kind(root.as_posix()) or "python"
         return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _skipped(Path(dirpath, d)))
-        yield from (Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for f in sorted(filenames):
+            kind = table.kind(f if rel == "." else f"{rel}/{f}")
+            if kind:
+                yield Path(dirpath, f), kind
 
 
 @dataclass
@@ -415,17 +940,17 @@ def table_column(target: str) -> str:
     return column
 
 
-def scan(path: str | Path, target: str = "npu", patterns: Sequence[Pattern] | None = None) -> Report:
-    """Scan every Python file under `path` (a directory or one file) for `target` (see table_column)."""
+def scan(path: str | Path, target: str = "npu", table: Table | None = None) -> Report:
+    """Scan every file the table reads under `path` (a directory or one file) for `target` (see table_column)."""
     target = table_column(target)
     root = Path(path)
     if not root.exists():
-        raise UsageError(f"{path} does not exist; give a repository directory or a .py file")
-    patterns = load_patterns() if patterns is None else patterns
+        raise UsageError(f"{path} does not exist; give a repository directory or a file")
+    table = load_table() if table is None else table
     report = Report(str(path), target)
     base = root if root.is_dir() else root.parent
-    tied, memo = Triggers(patterns), {}
-    for file in python_files(root):
+    tied, memo = Triggers(table), _Memo()
+    for file, kind in source_files(root, table):
         # a name that is not UTF-8 (its bytes kept as surrogates) is shown escaped: it still prints
         rel = file.relative_to(base).as_posix().encode("utf-8", "backslashreplace").decode("utf-8")
         report.files += 1
@@ -438,20 +963,27 @@ def scan(path: str | Path, target: str = "npu", patterns: Sequence[Pattern] | No
                 report.warnings.append({"file": rel, "line": 0, "message": "not scanned: larger than "
                                         f"{MAX_SOURCE_BYTES >> 20} MB, not hand-written source"})
                 continue
-            with tokenize.open(file) as f:  # honours a coding cookie
-                source = f.read(MAX_SOURCE_BYTES + 1)
-            if tied(source):
-                report.findings += scan_source(source, rel, patterns, target, memo)
+            if kind in ("setup", "python"):
+                with tokenize.open(file) as f:  # honours a coding cookie
+                    source = f.read(MAX_SOURCE_BYTES + 1)
+            else:
+                with open(file, encoding="utf-8-sig") as f:
+                    source = f.read(MAX_SOURCE_BYTES + 1)
+            if tied(source, kind):
+                report.findings += scan_source(source, rel, table, target, memo, kind)
         except SyntaxError as e:
             report.warnings.append({"file": rel, "line": e.lineno or 0, "message": f"not scanned: {e.msg}"})
-        except (UnicodeDecodeError, ValueError, RecursionError, MemoryError, OSError) as e:
+        except yaml.MarkedYAMLError as e:
+            line = e.problem_mark.line + 1 if e.problem_mark else 0
+            report.warnings.append({"file": rel, "line": line, "message": f"not scanned: {e.problem or e}"})
+        except (UnicodeDecodeError, ValueError, RecursionError, MemoryError, OSError, yaml.YAMLError) as e:
             # MemoryError: CPython's parser on expressions nested past its stack
             message = str(e)[:200] or type(e).__name__
             report.warnings.append({"file": rel, "line": 0, "message": f"not scanned: {message}"})
     return report
 
 
-MAX_SOURCE_BYTES = 8 << 20  # a .py larger than this is generated or data, not code to port
+MAX_SOURCE_BYTES = 8 << 20  # a file larger than this is generated or data, not code to port
 
 
 # --- output --------------------------------------------------------------------------------------------
@@ -462,13 +994,18 @@ def _summary_line(s: dict[str, Any]) -> str:
     return f"{s['files']} files scanned for {s['target']}: {s['findings']} findings ({by})"
 
 
+def _guarded(f: Finding) -> str:
+    return f"optional: guarded at line {f.guard}, the code runs without it" if f.guard else ""
+
+
 def as_json(report: Report, fail_on: str) -> str:
     return json.dumps({"findings": [f.as_json() for f in report.findings], "summary": report.summary(fail_on)},
                       indent=2)
 
 
 def as_text(report: Report, fail_on: str) -> str:
-    lines = [f"{f.file}:{f.line}: {f.severity}: {f.pattern}: {f.code} -> {f.replacement}" for f in report.findings]
+    lines = [f"{f.file}:{f.line}: {f.severity}: {f.pattern}: {f.code} -> {f.replacement}"
+             + (f" ({_guarded(f)})" if f.guard else "") for f in report.findings]
     s = report.summary(fail_on)
     lines += [f"warning: {w['file']}:{w['line']}: {w['message']}" for w in report.warnings]
     lines.append(("" if not report.findings else "\n") + _summary_line(s))
@@ -477,15 +1014,17 @@ def as_text(report: Report, fail_on: str) -> str:
     return "\n".join(lines)
 
 
-def as_markdown(report: Report, fail_on: str, patterns: Sequence[Pattern]) -> str:
-    why = {p.id: p.rules[report.target].reason for p in patterns}
+def as_markdown(report: Report, fail_on: str, table: Table) -> str:
+    why = {p.id: p.rules[report.target].reason for p in table.patterns}
     esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     s = report.summary(fail_on)
     out = [f"# accel scan: `{report.root}` for {report.target}", "", _summary_line(s), ""]
     if report.findings:
-        out += ["| location | severity | pattern | code | replacement | why |", "|---|---|---|---|---|---|"]
-        out += [f"| {esc(f.file)}:{f.line} | {f.severity} | {f.pattern} | `{esc(f.code)}` | {esc(f.replacement)} "
-                f"| {esc(why.get(f.pattern, ''))} |" for f in report.findings]
+        out += ["| location | severity | migrate | pattern | code | replacement | why |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {esc(f.file)}:{f.line} | {f.severity} | {'yes' if f.migrate else 'no'} | {f.pattern} "
+                f"| `{esc(f.code)}` | {esc(f.replacement)} | {esc(_guarded(f) or why.get(f.pattern, ''))} |"
+                for f in report.findings]
     if report.warnings:
         out += ["", "Not scanned:", ""] + [f"- {esc(w['file'])}:{w['line']}: {esc(w['message'])}"
                                             for w in report.warnings]
