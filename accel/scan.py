@@ -381,7 +381,14 @@ class _FileScanner(ast.NodeVisitor):
         self.guard = outer or guard
         for node in body:
             self.visit(node)
+            if not self.guard and self._leaves_unless_available(node):
+                self.guard = node.lineno  # `if not is_x_available(): return`: the rest runs only with x
         self.guard = outer
+
+    def _leaves_unless_available(self, node: ast.stmt) -> bool:
+        return (isinstance(node, ast.If) and not node.orelse and isinstance(node.test, ast.UnaryOp)
+                and isinstance(node.test.op, ast.Not) and any(self._is_guard(n) for n in ast.walk(node.test))
+                and isinstance(node.body[-1], (ast.Return, ast.Raise)))
 
     def _is_guard(self, node: ast.AST) -> bool:
         if isinstance(node, ast.Call):
@@ -512,7 +519,13 @@ class _FileScanner(ast.NodeVisitor):
             q = self.qualname(d.func if isinstance(d, ast.Call) else d)
             if q:
                 self.report(d, f"@{q}", "decorators", lambda p, q=q: q in p.decorators, ("decorator", q))
-        self.generic_visit(node)
+        for field_name, value in ast.iter_fields(node):
+            if field_name == "body":
+                self._block(value, 0)  # statements in order, so an early-return guard covers what follows
+            else:
+                for child in value if isinstance(value, list) else [value]:
+                    if isinstance(child, ast.AST):
+                        self.visit(child)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _decorated
 

@@ -357,6 +357,13 @@ def test_a_guarded_optional_import_is_informational_and_the_same_import_unguarde
         (3, "flash-attn", "informational"), (5, "xformers", "needs-replacement"),
         (7, "bitsandbytes", "no-equivalent"), (10, "torch-cuda-api", "runs-via-migrate"),
         (11, "torch-cuda-api", "runs-via-migrate"), (15, "apex-other", "informational")]
+    # peft's form: a function that returns early unless the package is there; an early return on
+    # anything else guards nothing
+    source = ("def bnb_4bit():\n    if not is_bnb_available():\n        return False\n"
+              "    import bitsandbytes\n    return bitsandbytes\n"
+              "def other(x):\n    if not x:\n        return False\n    import bitsandbytes\n")
+    assert _findings(tmp_path / "c", {"h.py": source}) == [
+        (4, "bitsandbytes", "informational"), (9, "bitsandbytes", "no-equivalent")]
 
 
 def test_informational_findings_do_not_fail_a_scan_unless_asked(tmp_path, capsys):
