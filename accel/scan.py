@@ -72,10 +72,14 @@ class KeywordMatch:
     name: str  # a keyword argument or string dict key, * and ? as in fnmatch
     values: tuple[Any, ...] | None = None  # constants it must equal (True is not 1); None with no value_names: any
     value_names: tuple[str, ...] = ()  # or qualified names it must be (torch.bfloat16)
+    unless_call: tuple[str, ...] = ()  # not when passed to a call under these names (ipex_llm's own 4-bit)
 
-    def matches(self, name: str, value: tuple[Any, ...]) -> bool:
-        """`value`: ("constant", type name, v), ("name", qualified name) or ("other",)."""
+    def matches(self, name: str, value: tuple[Any, ...], call: str | None = None) -> bool:
+        """`value`: ("constant", type name, v), ("name", qualified name) or ("other",); `call`: the
+        qualified name of the call it is passed to, where known."""
         if not fnmatch.fnmatchcase(name, self.name):
+            return False
+        if call and any(call == u or call.startswith(u + ".") for u in self.unless_call):
             return False
         if self.values is None and not self.value_names:
             return True
@@ -236,7 +240,7 @@ def _pattern(entry: Any, where: str, documents: dict[str, tuple[str, ...]]) -> P
     for k in _entries(match.get("keywords", []), f"{where}: keywords", "name"):
         names = _strings(k.get("value_names", []), where)
         values = _scalars(k["values"], where) if "values" in k else (() if names else None)
-        keywords.append(KeywordMatch(k["name"], values, names))
+        keywords.append(KeywordMatch(k["name"], values, names, _strings(k.get("unless_call", []), where)))
     config = []
     for c in _entries(match.get("config", []), f"{where}: config", "key"):
         document = c.get("in", "any")
@@ -459,7 +463,7 @@ class _FileScanner(ast.NodeVisitor):
                     self._compare(a, _device_valued(node.func.value))
         for k in node.keywords:
             if k.arg:
-                self._keyword(k, k.arg, k.value)
+                self._keyword(k, k.arg, k.value, q)
         if self.setup and _last_name(node.func) == "setup":
             self._setup(node)
         self.generic_visit(node)
@@ -470,8 +474,8 @@ class _FileScanner(ast.NodeVisitor):
                 self._keyword(key, key.value, value)
         self.generic_visit(node)
 
-    def _keyword(self, at: ast.AST, name: str, value: ast.expr) -> None:
-        """f(name=value) or {"name": value}."""
+    def _keyword(self, at: ast.AST, name: str, value: ast.expr, call: str | None = None) -> None:
+        """f(name=value) (`call`: f's qualified name, where resolved) or {"name": value}."""
         if ("keyword", name) not in self.memo:  # whether any pattern names this keyword at all
             self.memo["keyword", name] = any(fnmatch.fnmatchcase(name, k.name)
                                              for p in self.using["keywords"] for k in p.keywords)
@@ -483,8 +487,8 @@ class _FileScanner(ast.NodeVisitor):
         else:
             q = self.qualname(value)
             v, shown = (("name", q), q) if q else (("other",), "...")
-        self.report(at, f"{name}={shown}", "keywords", lambda p: any(k.matches(name, v) for k in p.keywords),
-                    ("keyword", name, v))
+        self.report(at, f"{name}={shown}", "keywords", lambda p: any(k.matches(name, v, call) for k in p.keywords),
+                    ("keyword", name, v, call))
 
     def _setup(self, node: ast.Call) -> None:
         """setup(install_requires=[...], extras_require={...}): each requirement string, module-level
