@@ -21,9 +21,7 @@ import multiprocessing
 import os
 import pickle
 import re
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from accel import hostmem
 from accel.errors import AccelError, UsageError
 
 REFERENCE = "numpy:cpu"
@@ -94,17 +93,7 @@ def one_line(e: BaseException) -> str:
 
 
 def _peak_rss_mib() -> float:
-    """This process's peak resident set. Linux: VmHWM, which starts afresh at exec (ru_maxrss would
-    carry the spawning parent's peak into the child)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    return hostmem.peak_rss() / (1 << 20)
 
 
 def _unavailable(target: str) -> str | None:

@@ -24,7 +24,6 @@ file's cost was the parse.
 from __future__ import annotations
 
 import ast
-import bisect
 import fnmatch
 import json
 import os
@@ -34,264 +33,20 @@ import tokenize
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from accel.errors import AccelError, UsageError
+from accel.errors import UsageError
+from accel.scan_files import requirement_pattern, scan_config, scan_pyproject, scan_requirements, scan_shell
+from accel.scan_table import SEVERITIES, TARGETS, CallMatch, Finding, Memo, Pattern, Table, load_table
 
-SEVERITIES = ("informational", "runs-via-migrate", "needs-replacement", "no-equivalent")  # least to most work
-TARGETS = ("npu", "mindspore", "tvm", "xla")
-TORCH_COLUMNS = ("npu",)  # the columns whose target is a torch device: only there can accel.migrate run code
+__all__ = ["SEVERITIES", "TARGETS", "Report", "Triggers", "as_json", "as_markdown", "as_text", "load_table",
+           "scan", "scan_source", "table_column"]
+
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "node_modules", "venv"})
-FILE_KINDS = ("setup", "python", "requirements", "pyproject", "config", "shell")
-_MATCH_KINDS = frozenset({"names", "imports", "method_call", "strings", "fstrings", "compare", "calls",
-                          "decorators", "keywords", "packages", "requirement_text", "config", "shell"})
 _SETUP_KEYWORDS = ("install_requires", "extras_require", "setup_requires", "tests_require")
-_Memo = dict[tuple[Any, ...], Any]  # (kind, what matched) -> what the table makes of it, for one scan's files
-
-
-@dataclass(frozen=True)
-class Rule:
-    severity: str
-    replacement: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class CallMatch:
-    name: str
-    if_strings_end: tuple[str, ...] = ()
-    if_argument: tuple[str, int] | None = None  # (keyword, position)
-
-
-@dataclass(frozen=True)
-class KeywordMatch:
-    name: str  # a keyword argument or string dict key, * and ? as in fnmatch
-    values: tuple[Any, ...] | None = None  # constants it must equal (True is not 1); None with no value_names: any
-    value_names: tuple[str, ...] = ()  # or qualified names it must be (torch.bfloat16)
-    unless_call: tuple[str, ...] = ()  # not when passed to a call under these names (ipex_llm's own 4-bit)
-
-    def matches(self, name: str, value: tuple[Any, ...], call: str | None = None) -> bool:
-        """`value`: ("constant", type name, v), ("name", qualified name) or ("other",); `call`: the
-        qualified name of the call it is passed to, where known."""
-        if not fnmatch.fnmatchcase(name, self.name):
-            return False
-        if call and any(call == u or call.startswith(u + ".") for u in self.unless_call):
-            return False
-        if self.values is None and not self.value_names:
-            return True
-        if value[0] == "constant":
-            return any(type(c) is type(value[2]) and c == value[2] for c in self.values or ())
-        return value[0] == "name" and value[1] in self.value_names
-
-
-@dataclass(frozen=True)
-class ConfigMatch:
-    key: str  # dotted path from the document's root, * and ? as in fnmatch (a * crosses dots)
-    values: tuple[str, ...] | None  # casefolded scalars (true, cpu); None: any value
-    document: str  # "any" or a kind of the table's `documents`
-
-
-@dataclass(frozen=True)
-class Pattern:
-    id: str
-    summary: str
-    rules: dict[str, Rule]
-    names: tuple[str, ...] = ()
-    imports: tuple[str, ...] = ()
-    method_call: tuple[str, ...] = ()
-    strings: tuple[re.Pattern[str], ...] = ()
-    fstrings: tuple[str, ...] = ()
-    compare: str = ""  # "any": only compared strings; "device": only those compared against a torch device
-    calls: tuple[CallMatch, ...] = ()
-    decorators: tuple[str, ...] = ()
-    keywords: tuple[KeywordMatch, ...] = ()
-    packages: tuple[str, ...] = ()  # PEP 503-normalised names, * and ? as in fnmatch
-    requirement_text: tuple[re.Pattern[str], ...] = ()
-    config: tuple[ConfigMatch, ...] = ()
-    shell: tuple[re.Pattern[str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Guards:
-    """What makes code optional: it runs only where an import succeeded or a package was found."""
-
-    exceptions: frozenset[str]  # a try whose handler catches one of these guards its body and else
-    calls: re.Pattern[str]  # an if whose test calls a function so named (last component) guards its body
-    names: frozenset[str]  # an if whose test reads one of these names (TYPE_CHECKING) guards its body
-
-
-@dataclass
-class Table:
-    """accel/scan_patterns.yaml, validated: the patterns and what says which files and code they apply to."""
-
-    patterns: tuple[Pattern, ...]
-    files: dict[str, tuple[str, ...]]  # kind -> file name globs, in the order they are tried
-    documents: dict[str, tuple[str, ...]]  # config document kind -> top-level keys that identify it
-    guards: Guards
-    _globs: list[tuple[int, str, re.Pattern[str]]] = field(init=False, repr=False)
-    using: dict[str, tuple[Pattern, ...]] = field(init=False, repr=False)  # match kind -> its patterns, in order
-
-    def __post_init__(self) -> None:
-        self._globs = [(g.count("/") + 1, kind, re.compile(fnmatch.translate(g)))
-                       for kind, globs in self.files.items() for g in globs]
-        self.using = {kind: tuple(p for p in self.patterns if getattr(p, kind)) for kind in _MATCH_KINDS}
-
-    def kind(self, path: str) -> str | None:
-        """The kind of a file by its path relative to the scanned root (a glob with / matches its tail)."""
-        parts = path.split("/")
-        for depth, kind, glob in self._globs:
-            if glob.match("/".join(parts[-depth:])):
-                return kind
-        return None
-
-
-@dataclass(frozen=True)
-class Finding:
-    file: str  # relative to the scanned root, with forward slashes
-    line: int
-    pattern: str
-    severity: str
-    replacement: str
-    code: str  # what matched, for the text and markdown reports
-    migrate: bool  # accel.migrate handles it: the rule's severity is runs-via-migrate
-    guard: int = 0  # the line of the optional-import guard that makes it informational, 0 if none
-
-    @classmethod
-    def of(cls, p: Pattern, target: str, file: str, line: int, code: str, guard: int = 0) -> Finding:
-        rule = p.rules[target]
-        return cls(file, line, p.id, "informational" if guard else rule.severity, rule.replacement, code,
-                   rule.severity == "runs-via-migrate", guard)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "pattern": self.pattern, "severity": self.severity,
-                "replacement": self.replacement, "migrate": self.migrate, "guard": self.guard or None}
-
-
-# --- the table -----------------------------------------------------------------------------------------
-
-
-def _strings(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise AccelError(f"{where}: expected a list of non-empty strings, got {value!r}")
-    return tuple(value)
-
-
-def _regexes(value: Any, where: str) -> tuple[re.Pattern[str], ...]:
-    try:
-        return tuple(re.compile(s) for s in _strings(value, where))
-    except re.error as e:
-        raise AccelError(f"{where}: bad regular expression: {e}") from None
-
-
-def _scalars(value: Any, where: str) -> tuple[Any, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, (bool, int, float, str)) for v in value):
-        raise AccelError(f"{where}: values must be a list of constants, got {value!r}")
-    return tuple(value)
-
-
-def _canon(value: Any) -> str:
-    """A config scalar as the table compares it: JSON's and YAML's true is "true", case does not count."""
-    return ("true" if value else "false") if isinstance(value, bool) else str(value).casefold()
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
-
-
-def _entries(value: Any, where: str, required: str) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not all(isinstance(e, dict) and isinstance(e.get(required), str)
-                                              for e in value):
-        raise AccelError(f"{where}: entries are mappings with a {required}")
-    return value
-
-
-def _pattern(entry: Any, where: str, documents: dict[str, tuple[str, ...]]) -> Pattern:
-    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-        raise AccelError(f"{where}: each pattern needs an id, a summary, a match and targets")
-    where = f"{where}: pattern {entry['id']}"
-    match, targets = entry.get("match"), entry.get("targets")
-    if not isinstance(match, dict) or not match or set(match) - _MATCH_KINDS:
-        raise AccelError(f"{where}: match must use {', '.join(sorted(_MATCH_KINDS))}")
-    if not isinstance(targets, dict) or set(targets) != set(TARGETS):
-        raise AccelError(f"{where}: targets must be exactly {', '.join(TARGETS)}")
-    rules = {}
-    for target, rule in targets.items():
-        if not isinstance(rule, dict) or rule.get("severity") not in SEVERITIES:
-            raise AccelError(f"{where}: {target}: severity must be one of {', '.join(SEVERITIES)}")
-        if rule["severity"] == "runs-via-migrate" and target not in TORCH_COLUMNS:
-            raise AccelError(f"{where}: {target}: runs-via-migrate is for torch targets "
-                             f"({', '.join(TORCH_COLUMNS)})")
-        for key in ("replacement", "reason"):
-            if not isinstance(rule.get(key), str) or not rule[key].strip():
-                raise AccelError(f"{where}: {target}: {key} must be a non-empty string")
-        rules[target] = Rule(rule["severity"], rule["replacement"].strip(), rule["reason"].strip())
-    calls = []
-    for call in _entries(match.get("calls", []), f"{where}: calls", "name"):
-        arg = call.get("if_argument")
-        calls.append(CallMatch(call["name"], _strings(call.get("if_strings_end", []), where),
-                               (str(arg[0]), int(arg[1])) if arg else None))
-    keywords = []
-    for k in _entries(match.get("keywords", []), f"{where}: keywords", "name"):
-        names = _strings(k.get("value_names", []), where)
-        values = _scalars(k["values"], where) if "values" in k else (() if names else None)
-        keywords.append(KeywordMatch(k["name"], values, names, _strings(k.get("unless_call", []), where)))
-    config = []
-    for c in _entries(match.get("config", []), f"{where}: config", "key"):
-        document = c.get("in", "any")
-        if document != "any" and document not in documents:
-            raise AccelError(f"{where}: config `in` must be any or one of {', '.join(documents)}, "
-                             f"got {document!r}")
-        values = tuple(_canon(v) for v in _scalars(c["values"], where)) if "values" in c else None
-        config.append(ConfigMatch(c["key"], values, document))
-    compare = match.get("compare", False)
-    if compare not in (True, False, "device"):
-        raise AccelError(f"{where}: compare must be true or device, got {compare!r}")
-    return Pattern(
-        entry["id"], str(entry.get("summary", "")), rules,
-        names=_strings(match.get("names", []), where), imports=_strings(match.get("imports", []), where),
-        method_call=_strings(match.get("method_call", []), where),
-        strings=_regexes(match.get("strings", []), where), fstrings=_strings(match.get("fstrings", []), where),
-        compare="any" if compare is True else compare or "",
-        calls=tuple(calls), decorators=_strings(match.get("decorators", []), where), keywords=tuple(keywords),
-        packages=tuple(_normalise(n) for n in _strings(match.get("packages", []), where)),
-        requirement_text=_regexes(match.get("requirement_text", []), where), config=tuple(config),
-        shell=_regexes(match.get("shell", []), where),
-    )
-
-
-def load_table(path: str | Path | None = None) -> Table:
-    """The pattern table (default: the reviewed accel/scan_patterns.yaml), validated."""
-    if path is None:
-        text = resources.files("accel").joinpath("scan_patterns.yaml").read_text(encoding="utf-8")
-        where = "scan_patterns.yaml"
-    else:
-        text, where = Path(path).read_text(encoding="utf-8"), str(path)
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict) or not isinstance(data.get("patterns"), list):
-        raise AccelError(f"{where}: expected a mapping with a `patterns` list")
-    files, documents, guards = data.get("files"), data.get("documents"), data.get("guards")
-    if not isinstance(files, dict) or list(files) != list(FILE_KINDS):
-        raise AccelError(f"{where}: files must map {', '.join(FILE_KINDS)} (in this order) to file name globs")
-    if not isinstance(documents, dict) or "any" in documents:
-        raise AccelError(f"{where}: documents must map config kinds (not `any`) to their top-level keys")
-    if not isinstance(guards, dict) or set(guards) != {"exceptions", "calls", "names"}:
-        raise AccelError(f"{where}: guards must list exceptions, calls and names")
-    documents = {kind: _strings(keys, f"{where}: documents") for kind, keys in documents.items()}
-    patterns = [_pattern(entry, where, documents) for entry in data["patterns"]]
-    ids = [p.id for p in patterns]
-    if len(set(ids)) != len(ids):
-        raise AccelError(f"{where}: duplicate pattern ids: {sorted(i for i, n in Counter(ids).items() if n > 1)}")
-    calls = "|".join(f"(?:{r.pattern})" for r in _regexes(guards["calls"], f"{where}: guards"))
-    return Table(tuple(patterns), {kind: _strings(g, f"{where}: files") for kind, g in files.items()}, documents,
-                 Guards(frozenset(_strings(guards["exceptions"], where)), re.compile(calls),
-                        frozenset(_strings(guards["names"], where))))
-
 
 # --- Python --------------------------------------------------------------------------------------------
 
@@ -337,7 +92,7 @@ def _last_name(node: ast.AST) -> str | None:
 
 class _FileScanner(ast.NodeVisitor):
     def __init__(self, table: Table, target: str, aliases: dict[str, str], file: str,
-                 memo: _Memo, tree: ast.Module):
+                 memo: Memo, tree: ast.Module):
         self.table, self.using, self.guards, self.target = table, table.using, table.guards, target
         self.aliases, self.file = aliases, file
         self.memo = memo  # (kind, what matched) -> its first pattern, shared by the files of one scan
@@ -501,7 +256,7 @@ class _FileScanner(ast.NodeVisitor):
                     seen.add(n.id)
                     todo.append(self.module_values[n.id])
                 elif isinstance(n, ast.Constant) and isinstance(n.value, str):
-                    self._found(n, n.value.strip(), _requirement_pattern(n.value, self.table, self.memo))
+                    self._found(n, n.value.strip(), requirement_pattern(n.value, self.table, self.memo))
 
     def _call_matches(self, c: CallMatch, q: str, node: ast.Call) -> bool:
         if c.name != q:
@@ -583,7 +338,7 @@ class _FileScanner(ast.NodeVisitor):
                 self.visit(v.value)
 
 
-def _scan_python(source: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
+def _scan_python(source: str, file: str, table: Table, target: str, memo: Memo) -> list[Finding]:
     tree = ast.parse(source, filename=file)
     aliases = _aliases(tree)
     scanner = _FileScanner(table, target, {"torch": "torch", **aliases}, file, memo, tree)
@@ -592,228 +347,6 @@ def _scan_python(source: str, file: str, table: Table, target: str, memo: _Memo)
         scanner = _FileScanner(table, target, aliases, file, memo, tree)
         scanner.visit(tree)
     return list(scanner.findings.values())
-
-
-# --- requirements: requirements files, setup.py, pyproject.toml ------------------------------------------
-
-_REQUIREMENT_NAME = re.compile(r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
-
-
-def _requirement_pattern(text: str, table: Table, memo: _Memo) -> Pattern | None:
-    """The first pattern that one requirement (`flash-attn>=2; python_version>'3.8'`, `x @ URL`) or pip
-    option line (`--extra-index-url URL`) names: by its normalised package name or its text."""
-    if ("requirement", text) not in memo:
-        m = None if text.lstrip().startswith("-") else _REQUIREMENT_NAME.match(text)
-        name = _normalise(m.group(1)) if m else ""
-        memo["requirement", text] = next(
-            (p for p in table.patterns if name and any(fnmatch.fnmatchcase(name, g) for g in p.packages)
-             or any(r.search(text) for r in p.requirement_text)), None)
-    return memo["requirement", text]
-
-
-def _scan_requirements(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        requirement = re.sub(r"(^|\s)#.*", "", line).strip()  # pip: a comment starts at a # after a space
-        p = _requirement_pattern(requirement, table, memo) if requirement else None
-        if p:
-            out.append(Finding.of(p, target, file, number, requirement))
-    return out
-
-
-class _Lines:
-    """Line numbers of text found again by regular expression, for parsers that keep no positions: each
-    search goes on from the previous hit of the same expression, so a repeated string gets its own line."""
-
-    def __init__(self, text: str):
-        self.lines, self.after = text.splitlines(), dict[str, int]()
-
-    def find(self, regex: str) -> int:
-        r = re.compile(regex)
-        start = self.after.get(regex, 0)
-        for i in range(start, len(self.lines)):
-            if r.search(self.lines[i]):
-                self.after[regex] = i + 1
-                return i + 1
-        return 0
-
-
-def _scan_pyproject(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
-    """[project] dependencies and optional-dependencies, [build-system] requires, [dependency-groups],
-    poetry's dependency tables (keys are the names) and the index URLs of poetry and uv."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        raise ValueError("reading pyproject.toml needs Python 3.11 or later (tomllib)") from None
-    data = tomllib.loads(text)
-    lists = lambda v: v if isinstance(v, list) else []  # noqa: E731
-    tables = lambda v: v if isinstance(v, dict) else {}  # noqa: E731
-    project, tool = tables(data.get("project")), tables(data.get("tool"))
-    poetry, uv = tables(tool.get("poetry")), tables(tool.get("uv"))
-    strings = [*lists(project.get("dependencies")), *lists(tables(data.get("build-system")).get("requires")),
-               *(s for group in tables(project.get("optional-dependencies")).values() for s in lists(group)),
-               *(s for group in tables(data.get("dependency-groups")).values() for s in lists(group)),
-               *(tables(s).get("url") for s in [*lists(poetry.get("source")), *lists(uv.get("index"))])]
-    names = [*tables(poetry.get("dependencies")), *tables(poetry.get("dev-dependencies")),
-             *(n for g in tables(poetry.get("group")).values() for n in tables(tables(g).get("dependencies")))]
-    lines, out = _Lines(text), []
-    for s in strings:
-        if isinstance(s, str) and (p := _requirement_pattern(s, table, memo)):
-            out.append(Finding.of(p, target, file, lines.find(rf"""(["']){re.escape(s)}\1"""), s))
-    for n in names:
-        if p := _requirement_pattern(n, table, memo):
-            out.append(Finding.of(p, target, file, lines.find(rf"""^\s*["']?{re.escape(n)}["']?\s*="""), n))
-    return out
-
-
-# --- configs: JSON and YAML --------------------------------------------------------------------------
-
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]|[^\s{}\[\],:"]+')
-
-
-def _json_leaves(text: str) -> tuple[set[str], list[tuple[str, Any, int]]]:
-    """(top-level keys, [(dotted key path, scalar, line)]) of a JSON document. json keeps no positions:
-    its tokens are walked again, a value's line being its key's (an array element's, its own)."""
-    json.loads(text)  # a document json rejects is a warning, as a Python file that does not parse
-    frames: list[list[Any]] = []  # per open container: [is_object, key, key's line, expecting a key]
-    top: set[str] = set()
-    leaves, line, pos = [], 1, 0
-    for m in _JSON_TOKEN.finditer(text):
-        line += text.count("\n", pos, m.start())
-        pos, tok = m.start(), m.group()
-        frame = frames[-1] if frames else None
-        if tok in "{[":
-            frames.append([tok == "{", None, line, tok == "{"])
-        elif tok in "}]":
-            frames.pop()
-        elif tok == ",":
-            if frame and frame[0]:
-                frame[3] = True
-        elif tok != ":":
-            value = json.loads(tok)
-            if frame and frame[0] and frame[3]:
-                frame[1:4] = [str(value), line, False]
-                if len(frames) == 1:
-                    top.add(str(value))
-            else:
-                path = ".".join(f[1] for f in frames if f[0])
-                leaves.append((path, value, frame[2] if frame and frame[0] else line))
-    return top, leaves
-
-
-def _yaml_leaves(root: yaml.Node) -> tuple[set[str], list[tuple[str, Any, int]]]:
-    """The same for one YAML document, from the composed node tree (marks give the lines). A node shared
-    through an alias is walked once."""
-    mapping = isinstance(root, yaml.MappingNode)
-    top = {k.value for k, _ in root.value if isinstance(k, yaml.ScalarNode)} if mapping else set()
-    leaves: list[tuple[str, Any, int]] = []
-    seen: set[int] = set()
-    todo: list[tuple[yaml.Node, str, int]] = [(root, "", root.start_mark.line + 1)]
-    while todo:
-        node, path, line = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):  # pushed last to first: walked in document order
-            todo += [(v, f"{path}.{k.value}" if path else str(k.value), k.start_mark.line + 1)
-                     for k, v in reversed(node.value)]
-        elif isinstance(node, yaml.SequenceNode):
-            todo += [(v, path, v.start_mark.line + 1) for v in reversed(node.value)]
-        else:
-            boolean = node.tag.endswith(":bool")
-            leaves.append((path, node.value.lower() in ("true", "yes", "on") if boolean else node.value, line))
-    return top, leaves
-
-
-def _scan_config(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
-    if file.endswith(".json"):
-        documents = [_json_leaves(text)]
-    else:
-        documents = [_yaml_leaves(node) for node in yaml.compose_all(text, Loader=yaml.SafeLoader)
-                     if node is not None]
-    out: dict[tuple[int, str], Finding] = {}
-    for top, leaves in documents:
-        kinds = frozenset({"any", *(kind for kind, keys in table.documents.items() if top.intersection(keys))})
-        for path, value, line in leaves:
-            key = ("config", kinds, path, _canon(value))
-            if key not in memo:
-                memo[key] = next((p for p in table.using["config"] for c in p.config if c.document in kinds
-                                  and fnmatch.fnmatchcase(path, c.key)
-                                  and (c.values is None or key[3] in c.values)), None)
-            if p := memo[key]:
-                shown = json.dumps(value) if isinstance(value, bool) or value is None else value
-                out.setdefault((line, p.id), Finding.of(p, target, file, line, f"{path}: {shown}"))
-    return list(out.values())
-
-
-# --- shell scripts and Makefiles ---------------------------------------------------------------------------
-
-_HEREDOC = re.compile(r"(?<!<)<<-?(?!<)\s*['\"]?(\w+)")
-
-
-def _shell_commands(text: str) -> Iterator[tuple[int, list[int], str]]:
-    """(line, where each further line starts in it, command) for each command of a script: lines ending
-    in a backslash joined, comments dropped, split at ; & | outside quotes, here-documents skipped. A
-    command that echoes or prints (echo "check nvidia-smi") is text, not a use; Make's @ and - prefixes
-    are dropped."""
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        first, parts = i, [lines[i]]
-        while parts[-1].endswith("\\") and i + 1 < len(lines):
-            i += 1
-            parts.append(lines[i])
-        i += 1
-        starts = [0]  # where each physical line begins in the joined one (a backslash becomes a space)
-        for p in parts[:-1]:
-            starts.append(starts[-1] + len(p))
-        logical = "".join(p[:-1] + " " for p in parts[:-1]) + parts[-1]
-        heredoc = None
-        for offset, command in _split_commands(logical):
-            heredoc = heredoc or _HEREDOC.search(command)
-            stripped = command.lstrip(" \t@-")
-            base = offset + len(command) - len(stripped)
-            words = [w for w in stripped.split() if not re.fullmatch(r"\w+=\S*", w)]
-            if stripped and words[:1] not in (["echo"], ["printf"]):
-                yield first + 1, [s - base for s in starts[1:]], stripped
-        if heredoc:  # its body is data, up to the terminator line
-            while i < len(lines) and lines[i].strip() != heredoc.group(1):
-                i += 1
-            i += 1
-
-
-def _split_commands(line: str) -> Iterator[tuple[int, str]]:
-    """(offset, text) of each command of one line, up to its comment; quotes and escapes respected."""
-    start, quote, i = 0, "", 0
-    while i < len(line):
-        ch = line[i]
-        if quote:
-            if ch == "\\" and quote == '"':
-                i += 1
-            elif ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "\\":
-            i += 1
-        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
-            break
-        elif ch in ";&|":
-            yield start, line[start:i]
-            start = i + 1
-        i += 1
-    yield start, line[start:i]
-
-
-def _scan_shell(text: str, file: str, table: Table, target: str, memo: _Memo) -> list[Finding]:
-    out: dict[tuple[int, str], Finding] = {}
-    for first, starts, command in _shell_commands(text):
-        for p in table.using["shell"]:
-            for r in p.shell:
-                if m := r.search(command):
-                    line = first + bisect.bisect_right(starts, m.start())
-                    out.setdefault((line, p.id), Finding.of(p, target, file, line, command[:120].rstrip()))
-    return list(out.values())
 
 
 # --- one file --------------------------------------------------------------------------------------------
@@ -883,12 +416,12 @@ def _required(regex: str) -> str | None:
     return max([*runs, run], key=len) or None
 
 
-_READERS = {"setup": _scan_python, "python": _scan_python, "requirements": _scan_requirements,
-            "pyproject": _scan_pyproject, "config": _scan_config, "shell": _scan_shell}
+_READERS = {"setup": _scan_python, "python": _scan_python, "requirements": scan_requirements,
+            "pyproject": scan_pyproject, "config": scan_config, "shell": scan_shell}
 
 
 def scan_source(source: str, file: str, table: Table, target: str,
-                memo: _Memo | None = None, kind: str | None = None) -> list[Finding]:
+                memo: Memo | None = None, kind: str | None = None) -> list[Finding]:
     """Findings in one file's text, read as `kind` (default: what its name says, Python if nothing).
     Raises SyntaxError, ValueError (NUL bytes, JSON or TOML that does not parse) or yaml.YAMLError."""
     read = _READERS[kind or table.kind(file) or "python"]
@@ -966,7 +499,7 @@ def scan(path: str | Path, target: str = "npu", table: Table | None = None) -> R
     table = load_table() if table is None else table
     report = Report(str(path), target)
     base = root if root.is_dir() else root.parent
-    tied, memo = Triggers(table), _Memo()
+    tied, memo = Triggers(table), Memo()
     for file, kind in source_files(root, table):
         # a name that is not UTF-8 (its bytes kept as surrogates) is shown escaped: it still prints
         rel = file.relative_to(base).as_posix().encode("utf-8", "backslashreplace").decode("utf-8")

@@ -202,7 +202,7 @@ def test_a_call_with_no_host_equivalent_stops_with_one_line(tmp_path, capsys):
 def test_the_table_is_what_enable_patches():
     """Every row that is not `unchanged` is replaced on cpu, under its row's name, and nothing else is."""
     device_arguments, rows = migrate.table()
-    labels = {label for *_, label in migrate._patches(migrate._Target("cpu", None))}
+    labels = {label for *_, label in migrate._patches(migrate.Target("cpu", None))}
     expected = {n for n, r in rows.items() if r.kind("cpu") != "unchanged"}
     functions = {f"{owner}.{n}" for owner, names in device_arguments.items() if owner != "with_indices"
                  for n in names if hasattr(migrate._object(owner), n)}
@@ -305,7 +305,7 @@ def test_target_selection(monkeypatch):
 
 
 def test_npu_and_cpu_mappings():
-    npu, npu3, cpu = migrate._Target("npu", None), migrate._Target("npu", 3), migrate._Target("cpu", None)
+    npu, npu3, cpu = migrate.Target("npu", None), migrate.Target("npu", 3), migrate.Target("cpu", None)
     assert [npu.map_str(s) for s in ("cuda", "cuda:1", "cpu", "cudax", "meta")] == ["npu", "npu:1", "cpu", "cudax",
                                                                                     "meta"]
     assert npu3.map_str("cuda") == "npu:3" and npu3.map_str("cuda:0") == "npu:0"
