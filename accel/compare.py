@@ -267,7 +267,7 @@ def compare(model: Any, params: dict[str, np.ndarray], targets: Sequence[str], d
     for r, lg in zip(results[1:], logits[1:]):
         if r.status == "ok" and ref.status == "ok" and lg is not None and ref_logits is not None:
             m = metrics(lg, ref_logits)
-            r.cosine, r.max_abs = m["cosine"], m["max_abs"]
+            r.cosine, r.max_abs = m["accel_cosine"], m["max_abs"]
             agree = [a == b for a, b in zip(r.tokens, ref.tokens)]
             r.token_agreement = sum(agree) / len(agree) if agree else None
     return Comparison(model.name, model.num_parameters(), dtype, prompt_len, new_tokens, ref, results[1:])

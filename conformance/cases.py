@@ -24,7 +24,7 @@ import numpy as np
 from accel.conformance.metrics import compare, exact
 from accel.conformance.op_cases import CASES as OP_CASES
 from accel.conformance.op_cases import OpCase
-from accel.conformance.tolerances import LOW_PRECISION, bounds, judge, needs_reference_device
+from accel.conformance.tolerances import LOW_PRECISION, bounds, judge, needs_reference_device, wants_reference_device
 from accel.dtypes import to_numpy_dtype
 from accel.errors import AccelError, ConformanceError
 from accel.ops import reference
@@ -46,6 +46,7 @@ class Row:
     detail: str = ""
     series: dict[str, list[float]] = field(default_factory=dict)  # per-layer errors, per-step losses
     seconds: float = 0.0  # wall time of the case in its worker
+    standards: dict[str, str] = field(default_factory=dict)  # each standard that judged it: "pass" or what fails
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -167,12 +168,14 @@ def run_op_case(backend: Any, case: OpCase, dtype: str, ctx: Context | None = No
         want = np.asarray(expected) if case.op == "cast" else np.asarray(expected).astype(actual.dtype)
         ok = exact(actual.ravel(), want.ravel())
         return Row(backend.target, "ops", name, dtype, "pass" if ok else "fail", m,
-                   detail="" if ok else "not bit-exact")
-    if ref_metrics is None and needs_reference_device("ops", dtype) and backend.target != REFERENCE_DEVICE:
+                   detail="" if ok else "accel bit-exact: not bit-exact",
+                   standards={"accel bit-exact": "pass" if ok else "not bit-exact"})
+    if ref_metrics is None and wants_reference_device("ops", dtype) and backend.target != REFERENCE_DEVICE:
         device = ctx.reference_device()
         ref_metrics = compare(_op_output(device, case, args, kwargs, dtype), expected, dtype)
-    problem = judge("ops", dtype, m, ref_metrics)
-    return Row(backend.target, "ops", name, dtype, "fail" if problem else "pass", m, detail=problem or "")
+    verdict = judge("ops", dtype, m, ref_metrics, op=case.op)
+    return Row(backend.target, "ops", name, dtype, "fail" if verdict.problem else "pass", m,
+               detail=verdict.problem or "", standards=verdict.summary())
 
 
 # --- model cases ----------------------------------------------------------------------------------
@@ -226,13 +229,13 @@ def _joined(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _numpy() -> Any:
+def reference_backend() -> Any:
     from accel.targets import open_target
 
     return open_target("numpy:cpu", policy={})
 
 
-def _placed(backend: Any, params: dict[str, Any], dtype: str) -> Any:
+def placed(backend: Any, params: dict[str, Any], dtype: str) -> Any:
     """The weights on a backend for a forward; on the float64 reference each tensor is cast as it is
     read, and a large one by the op itself, a block at a time (runtime.LazyPlacement): its whole copy of
     a bfloat16 checkpoint would be 4x the weights."""
@@ -254,7 +257,7 @@ def forward_with_taps(backend: Any, model: Any, params: dict[str, Any], ids: np.
     _, taps, run = tapped[id(model)]
     taps.clear()
     taps.ops.clear()
-    logits = run(_placed(backend, params, dtype), backend.asarray(ids, "int64"))
+    logits = run(placed(backend, params, dtype), backend.asarray(ids, "int64"))
     as_np = {k: np.asarray(backend.to_numpy(v), dtype=np.float64) for k, v in taps.items()}
     return np.asarray(backend.to_numpy(logits), dtype=np.float64), as_np, dict(taps.ops)
 
@@ -266,7 +269,7 @@ def _reference_run(model: Any, params: dict[str, np.ndarray], ids: np.ndarray, k
     """float64 logits and taps of the numpy:cpu reference (cached per preset and input)."""
     cache_key = (key, zlib.crc32(ids.tobytes()))
     if cache_key not in _REFERENCE_RUNS:
-        _REFERENCE_RUNS[cache_key] = forward_with_taps(_numpy(), model, params, ids, "float64")
+        _REFERENCE_RUNS[cache_key] = forward_with_taps(reference_backend(), model, params, ids, "float64")
     return _REFERENCE_RUNS[cache_key]
 
 
@@ -285,11 +288,11 @@ def localise(taps: dict[str, np.ndarray], ref_taps: dict[str, np.ndarray], ops_o
             layer = int(name.split(".")[1])
             per_layer[layer] = max(per_layer.get(layer, 0.0), m["max_abs"])
         ref_m = compare(device_taps[name], expected, dtype) if device_taps is not None else None
-        problem = judge("taps", dtype, m, ref_m)
+        problem = judge("taps", dtype, m, ref_m, op=ops_of.get(name)).problem
         if problem and first is None:
             layer = int(name.split(".")[1]) if name.startswith("layers.") else None
             first = {"tap": name, "op": ops_of.get(name, "?"), "layer": layer, "detail": problem,
-                     "cosine": m["cosine"], "max_abs": m["max_abs"]}
+                     "cosine": m["accel_cosine"], "max_abs": m["max_abs"]}
     return first, [per_layer[i] for i in sorted(per_layer)]
 
 
@@ -301,16 +304,19 @@ def isolate_layers(backend: Any, model: Any, params: dict[str, Any], ids: np.nda
     `out_scale`, the largest magnitude of its output: checkpoints carry massive activations in a few
     channels of the residual stream, beside which a layer's error vanishes in metrics of its output
     alone. Eager, on the backend's ops (a compiler would need a graph per layer)."""
-    from accel.models._layers import Taps
+    from accel.models._layers import TapReached, Taps
 
-    placed = _placed(backend, params, dtype)
+    on_device = placed(backend, params, dtype)
     x = backend.asarray(ids, "int64")
     out = []
     for i in range(model.num_layers):
         source, name = "embed" if i == 0 else f"layers.{i - 1}.out", f"layers.{i}.out"
         fed = backend.asarray(ref_taps[source], dtype)
-        taps = Taps({source: fed})
-        model.forward(backend.ops, placed, x, taps=taps)
+        taps = Taps({source: fed}, until=name)
+        try:
+            model.forward(backend.ops, on_device, x, taps=taps)
+        except TapReached:
+            pass
         got = np.asarray(backend.to_numpy(taps[name]), dtype=np.float64)
         given = np.asarray(backend.to_numpy(fed), dtype=np.float64)  # the input as the layer saw it, rounded
         m = compare(got - given, ref_taps[name] - ref_taps[source], dtype)
@@ -327,7 +333,7 @@ def local_problem(m: dict[str, float], dtype: str, device: dict[str, float] | No
     the layer's share); at low precision against the reference device's own error, which carries the
     same roundings."""
     if device is not None and needs_reference_device("taps", dtype):
-        return judge("taps", dtype, m, device)
+        return judge("taps", dtype, m, device).problem
     tol = bounds("taps", dtype)
     limit = tol["atol"] + tol["rtol"] * m["ref_max_abs"] + 2 * UNIT_ROUNDOFF[dtype] * m["out_scale"]
     return f"max abs error {m['max_abs']:.3g} > {limit:.3g}" if m["max_abs"] > limit else None
@@ -350,7 +356,7 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
         return skipped
     model, params, inputs = _golden_model_inputs(ctx, preset)
     case_id = f"inference/{preset}/{dtype}"
-    device = (ctx.reference_device() if ctx.golden is None and needs_reference_device("inference", dtype)
+    device = (ctx.reference_device() if ctx.golden is None and wants_reference_device("inference", dtype)
               and backend.target != REFERENCE_DEVICE else None)
     refs = [_reference_run(model, params, x, preset) for x in inputs]
     runs = [forward_with_taps(backend, model, params, x, dtype) for x in inputs]
@@ -362,21 +368,22 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
     if ctx.golden is not None:
         ref_m = ctx.golden.metrics(case_id)
         m |= {f"vs_golden_{k}": v for k, v in compare(logits, ctx.golden.actual(case_id), dtype).items()
-              if k in ("cosine", "max_abs")}
+              if k in ("accel_cosine", "max_abs")}
     elif devs is not None:
         ref_m = compare(_joined([d[0] for d in devs]), expected, dtype)
     if ctx.recorder is not None:
         ctx.recorder.add_model(preset, params, inputs)
         ctx.recorder.add(case_id, {}, expected, logits, compare(logits, expected, dtype))
-    problem = judge("inference", dtype, m, ref_m)
+    verdict = judge("inference", dtype, m, ref_m)
+    problem = verdict.problem
     located = [localise(run[1], ref[1], ref[2], dtype, devs[k][1] if devs is not None else None)
                for k, (run, ref) in enumerate(zip(runs, refs))]
     per_layer = np.max([layers for _, layers in located], axis=0).tolist() if located[0][1] else []
     row = Row(backend.target, "inference", preset, dtype, "fail" if problem else "pass", m, detail=problem or "",
-              series={"layer_max_abs": per_layer})
+              series={"layer_max_abs": per_layer}, standards=verdict.summary())
     if problem:
         own = [compare(run[0], ref[0], dtype) for run, ref in zip(runs, refs)]
-        k = next((k for k, mk in enumerate(own) if judge("inference", dtype, mk, None)),
+        k = next((k for k, mk in enumerate(own) if judge("inference", dtype, mk, None).problem),
                  int(np.argmax([mk["max_abs"] for mk in own])))
         row.first_divergence = located[k][0]
         # The first tap out of tolerance may only be where error made earlier grows past it: each layer
@@ -431,7 +438,7 @@ def _teacher_forced(backend: Any, model: Any, params: dict[str, np.ndarray], pro
     from accel.runtime import generate
 
     steps: list[np.ndarray] = []
-    generate(model, backend, _placed(backend, params, dtype), prompt, len(tokens), use_cache=True,
+    generate(model, backend, placed(backend, params, dtype), prompt, len(tokens), use_cache=True,
              step_logits=steps, forced=tokens[None, :])
     return np.concatenate(steps)
 
@@ -467,8 +474,8 @@ def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | No
             ref_k = recorded["step_logits"][k * n:(k + 1) * n]
             device_k = recorded["device_step_logits"][k * n:(k + 1) * n] if "device_step_logits" in recorded else None
         else:
-            ref, steps = _numpy(), []
-            expected_k = generate(model, ref, _placed(ref, params, "float64"), prompt, n, use_cache=False,
+            ref, steps = reference_backend(), []
+            expected_k = generate(model, ref, placed(ref, params, "float64"), prompt, n, use_cache=False,
                                   step_logits=steps)[0]
             ref_k, device_k = np.concatenate(steps), None  # (new_tokens, vocab)
         got_k = _teacher_forced(backend, model, params, prompt, expected_k, dtype)
@@ -489,11 +496,11 @@ def run_generation_case(backend: Any, preset: str, dtype: str, ctx: Context | No
     flips = classify_flips(chosen, ref_steps, noise)
     wide = [f for f in flips if not f["near_tie"]]
     kl = kl_divergence(ref_steps, got_steps)
-    by_ratio = needs_reference_device("inference", dtype) and backend.target != REFERENCE_DEVICE
+    by_ratio = wants_reference_device("inference", dtype) and backend.target != REFERENCE_DEVICE
 
     def step_problem(i: int) -> str | None:  # at low precision, against the reference device's own error
         ref_m = compare(device_steps[i], ref_steps[i], dtype) if by_ratio else None
-        return judge("inference", dtype, compare(got_steps[i], ref_steps[i], dtype), ref_m)
+        return judge("inference", dtype, compare(got_steps[i], ref_steps[i], dtype), ref_m).problem
 
     bad_step = next((i for i in range(len(expected)) if step_problem(i)), None)
     m = compare(got_steps, ref_steps, dtype) | {
@@ -551,7 +558,7 @@ def _localise_decode(backend: Any, model: Any, params: dict[str, np.ndarray], pr
     from accel.models._layers import Taps
 
     def decode_taps(b: Any, dt: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        p = _placed(b, params, dt)
+        p = placed(b, params, dt)
         cache = model.new_cache()
         run = b.compile(lambda x, c, t: model.forward(b.ops, p, x, cache=c, taps=t))
         run(b.asarray(prompt, "int64"), cache, None)
@@ -566,7 +573,7 @@ def _localise_decode(backend: Any, model: Any, params: dict[str, np.ndarray], pr
             run(b.asarray(last, "int64"), cache, taps)
         return {k: np.asarray(b.to_numpy(v), dtype=np.float64) for k, v in taps.items()}, dict(taps.ops)
 
-    ref_taps, ops_of = decode_taps(_numpy(), "float64")
+    ref_taps, ops_of = decode_taps(reference_backend(), "float64")
     taps, _ = decode_taps(backend, dtype)
     first, _ = localise(taps, ref_taps, ops_of, dtype)
     if first is not None:

@@ -23,7 +23,7 @@ from accel.checkpoint import safetensors
 from accel.errors import ConformanceError
 from accel.inputs import read_json_object
 
-FORMAT = "accel-golden/1"
+FORMAT = "accel-golden/2"  # 2: msprobe's metrics beside accel's (accel_cosine, accel_rmse)
 
 
 def _storable(a: Any) -> np.ndarray:
@@ -110,7 +110,8 @@ class GoldenRecord:
             raise ConformanceError(f"{self.directory} is not a golden record (no manifest.json)")
         self.manifest = read_json_object(manifest, ConformanceError, "a golden record's manifest")
         if self.manifest.get("format") != FORMAT:
-            raise ConformanceError(f"{manifest}: format {str(self.manifest.get('format'))[:40]!r}, expected {FORMAT}")
+            raise ConformanceError(f"{manifest}: format {str(self.manifest.get('format'))[:40]!r}, expected {FORMAT}: "
+                                  "record it again with this version (--write-golden)")
         cases, target = self.manifest.get("cases"), self.manifest.get("target")
         checkpoints = self.manifest.get("checkpoints") or {}
         if not (isinstance(cases, dict) and all(isinstance(c, dict) and isinstance(c.get("inputs", []), list)

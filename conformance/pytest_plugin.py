@@ -56,7 +56,7 @@ class CaseItem(pytest.Item):
             if row.first_divergence:
                 fd = row.first_divergence
                 lines.append(f"first divergence: {fd.get('tap')} ({fd.get('op')}): {fd.get('detail', '')}")
-            metrics = {k: v for k, v in row.metrics.items() if k in ("cosine", "max_abs", "max_rel", "rmse")}
+            metrics = {k: v for k, v in row.metrics.items() if k in ("accel_cosine", "max_abs", "max_rel", "rmse")}
             if metrics:
                 lines.append("metrics: " + ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
             return "\n".join(lines)

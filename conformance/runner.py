@@ -320,7 +320,8 @@ def apply_known_failures(rows: list[Row], directory: Path = KNOWN_FAILURES) -> l
     by_target: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         entries = by_target.setdefault(row.target, load_known_failures(row.target, directory))
-        match = next((e for e in entries if e["case"] == row.case and fnmatch(row.model, e["model"])
+        match = next((e for e in entries if e["case"] == row.case
+                      and (row.model == e["model"] or fnmatch(row.model, e["model"]))  # "op[shape]" as it is
                       and e.get("dtype", row.dtype) == row.dtype), None)
         if match is None:
             continue
@@ -375,7 +376,7 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
-HEADER = ["target", "case", "model/op", "dtype", "cosine", "max_abs", "max_rel", "status", "detail"]
+HEADER = ["target", "case", "model/op", "dtype", "cosine", "max_abs", "max_rel", "status", "judged by", "detail"]
 _ORDER = {s: i for i, s in enumerate(("crashed", "timeout", "fail", "known-failure", "pass", "skipped"))}
 
 
@@ -388,8 +389,8 @@ def summary_rows(rows: Iterable[Row]) -> list[list[str]]:
     out = []
     for (target, case, model, dtype), rs in groups.items():
         worst = min(rs, key=lambda r: _ORDER.get(r.status, 0))
-        measured = [r.metrics for r in rs if "cosine" in r.metrics]
-        cos = min((m["cosine"] for m in measured), default=None)
+        measured = [r.metrics for r in rs if "accel_cosine" in r.metrics]
+        cos = min((m["accel_cosine"] for m in measured), default=None)
         mae = max((m["max_abs"] for m in measured), default=None)
         mre = max((m["max_rel"] for m in measured), default=None)
         extra = worst.detail
@@ -401,7 +402,7 @@ def summary_rows(rows: Iterable[Row]) -> list[list[str]]:
             fd = worst.first_divergence
             extra += f"; first divergence: {fd['tap']} ({fd['op']})"
         out.append([target, case, model, dtype, _fmt(cos, ".7f"), _fmt(mae, ".2e"), _fmt(mre, ".2e"),
-                    worst.status, extra[:160]])
+                    worst.status, ", ".join(worst.standards) or "-", extra[:160]])
     return out
 
 

@@ -86,8 +86,8 @@ def run_training_case(backend: Any, item: str, dtype: str, ctx: Context) -> Row:
     w = compare(flat, ref_flat, dtype)
     m = {"max_loss_rel": max(loss_rel), "mean_loss_rel": float(np.mean(loss_rel)), "first_loss_rel": loss_rel[0],
          "max_grad_norm_rel": max(norm_rel), "mean_grad_norm_rel": float(np.mean(norm_rel)),
-         "cosine": w["cosine"], "max_abs": w["max_abs"], "max_rel": w["max_rel"], "rmse": w["rmse"],
-         "ref_max_abs": w["ref_max_abs"], "ref_rms": w["ref_rms"], "mean_rel": w["mean_rel"]}
+         **{k: w[k] for k in ("accel_cosine", "max_abs", "max_rel", "accel_rmse", "ref_max_abs", "ref_rms",
+                              "mean_rel")}}
     if ctx.recorder is not None:
         inputs = {"reference_loss": np.asarray(ref_losses), "reference_grad_norm": np.asarray(ref_norms),
                   **{f"final.{k}": v for k, v in ref_final.items()}}
@@ -96,7 +96,7 @@ def run_training_case(backend: Any, item: str, dtype: str, ctx: Context) -> Row:
     problems = [f"{key.replace('_', ' ')} {m[key]:.3g} > {tol[key]:g}" for key in
                 ("max_loss_rel", "first_loss_rel", "mean_loss_rel", "max_grad_norm_rel", "mean_grad_norm_rel")
                 if key in tol and m[key] > tol[key]]
-    weights = judge("weights", dtype, w) if "weights" in _checks() else None
+    weights = judge("weights", dtype, w).problem if "weights" in _checks() else None
     if weights:
         problems.append(f"final weights: {weights}")
     return Row(backend.target, "training", item, dtype, "fail" if problems else "pass", m, detail="; ".join(problems),

@@ -43,12 +43,18 @@ class Taps(dict):
     """Named intermediate outputs collected by a forward (`layers.3.attn`), with the op that produced
     each in `ops`, so a divergence can be traced to the first op that departs from the reference.
     `inject`: values the forward takes in place of what it computed at those taps (a layer run on the
-    reference's own input to it, to measure that layer's error alone)."""
+    reference's own input to it, to measure that layer's error alone). `until`: the tap after which the
+    forward stops, raising TapReached (an eager forward need not run past what is measured)."""
 
-    def __init__(self, inject: dict[str, Any] | None = None) -> None:
+    def __init__(self, inject: dict[str, Any] | None = None, until: str | None = None) -> None:
         super().__init__()
         self.ops: dict[str, str] = {}
         self.inject: dict[str, Any] = inject or {}
+        self.until = until
+
+
+class TapReached(Exception):
+    """An eager forward reached its Taps' `until` tap."""
 
 
 def tap(taps: dict | None, name: str, op: str, x: Any) -> Any:
@@ -57,6 +63,8 @@ def tap(taps: dict | None, name: str, op: str, x: Any) -> Any:
             x = taps.inject.get(name, x)
             taps.ops[name] = op
         taps[name] = x
+        if isinstance(taps, Taps) and taps.until == name:
+            raise TapReached(name)
     return x
 
 

@@ -117,9 +117,10 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(staging)
         raise
     seconds = time.monotonic() - start
-    shown = [[r.target, r.case, r.model, r.dtype, f"{r.metrics.get('cosine', float('nan')):.7f}",
+    shown = [[r.target, r.case, r.model, r.dtype, f"{r.metrics.get('accel_cosine', float('nan')):.7f}",
               f"{r.metrics.get('max_abs', float('nan')):.2e}", f"{r.metrics.get('max_rel', float('nan')):.2e}",
-              r.status, r.detail[:160]] for r in rows] if args.verbose else runner.summary_rows(rows)
+              r.status, ", ".join(r.standards) or "-", r.detail[:160]] for r in rows]
+    shown = shown if args.verbose else runner.summary_rows(rows)
     print(table(shown, runner.HEADER))
     meta = {"seconds": round(seconds, 1), "targets": targets, "golden": str(args.golden) if args.golden else None}
     out = report.write(rows, args.report_dir, meta)
