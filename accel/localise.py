@@ -130,7 +130,9 @@ class _Runner:
 
 def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: int | None = None,
              rank: int | str | None = None, input_ids: np.ndarray | None = None,
-             progress: Callable[[str], None] | None = None) -> Localisation:
+             progress: Callable[[str], None] | None = None, every: bool = False) -> Localisation:
+    """`every`: re-run every module on its own input, not only the coarse units and the modules inside
+    the first failing one (a forward per module: slow on a large model)."""
     from accel.conformance.cases import reference_backend
     from accel.conformance.metrics import compare
     from accel.conformance.tolerances import accel as accel_standard
@@ -198,6 +200,11 @@ def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: in
                 break
         first = first or unit
         break
+    if every:
+        for k, (m, e) in enumerate(found):
+            if not by_entry.get(e.name, ModuleResult("", "", "", "", "", None)).isolated:
+                say(f"isolating {e.name} ({k + 1}/{len(found)})")
+                isolate(m, e)
     return Localisation(str(dump.path), dtype, int(ids.shape[-1]), False, results, first)
 
 

@@ -383,6 +383,29 @@ def to_tap_layout(array: np.ndarray, layout: str | None, tap_shape: Sequence[int
                         f"{tuple(tap_shape)}") from None
 
 
+def from_tap_layout(array: np.ndarray, layout: str | None) -> np.ndarray:
+    """A tap's `array` in the dump's layout: the inverse of `to_tap_layout`."""
+    if not layout:
+        return array
+    src, dst = (side.replace("(", " ").replace(")", " ").split() for side in layout.split("->"))
+    sizes = dict(zip(dst, array.shape))
+    groups = re.findall(r"\(([^)]*)\)|(\S+)", layout.split("->")[0])
+    shape = [int(np.prod([sizes[a] for a in g.split()])) if g else sizes[single] for g, single in groups]
+    return array.transpose([dst.index(a) for a in src]).reshape(shape)
+
+
+def module_for_tap(modules: Sequence[MappedModule], order: Sequence[str], tap: str) -> MappedModule | None:
+    """The module a divergence first seen at `tap` (of taps in forward `order`) is in, as msprobe compare
+    would flag it: the first, in dump order, whose output is `tap` or a later one while its input is
+    an earlier tap (or untapped)."""
+    at = {name: i for i, name in enumerate(order)}
+    k = at.get(tap)
+    if k is None:
+        return None
+    return next((m for m in modules if m.tap_out in at and at[m.tap_out] >= k
+                 and (m.tap_in is None or at.get(m.tap_in, k) < k)), None)
+
+
 # --- msprobe compare's verdicts ----------------------------------------------------------------------
 
 # `msprobe compare` (core/compare/acc_compare.py, Comparator.compare_core) writes compare_result_<time>.csv

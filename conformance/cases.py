@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,7 @@ class Context:
     golden: Any = None  # a golden.GoldenRecord: expected values and the recording device's errors
     recorder: Any = None  # a golden.Recorder: inputs/outputs to write as a golden record
     nproc: int = 2  # ranks of the collective cases
+    dump: str | None = None  # a directory for msprobe dumps of the inference cases' taps
     _reference_device: Any = None
 
     def reference_device(self) -> Any:
@@ -296,6 +298,34 @@ def localise(taps: dict[str, np.ndarray], ref_taps: dict[str, np.ndarray], ops_o
     return first, [per_layer[i] for i in sorted(per_layer)]
 
 
+def hf_module(model: Any, order: list[str], tap: str) -> str | None:
+    """The Hugging Face module (its msprobe dump name) that a divergence first seen at `tap` is in."""
+    from accel.msprobe_dump import module_for_tap, module_map
+
+    try:
+        m = module_for_tap(module_map(model.model_type, model.num_layers), order, tap)
+    except AccelError:  # a family without msprobe names
+        return None
+    return f"Module.{m.module}.{m.classes[0]}.forward.0" if m is not None else None
+
+
+def dump_taps(directory: Path, target: str, model: Any, preset: str, dtype: str, taps: dict[str, np.ndarray]) -> None:
+    """`taps` (of one prompt) as an msprobe dump of the Hugging Face model's modules, in `dtype`:
+    DIRECTORY/<backend>_<device>/<model>/<dtype>/step0/rank0 (accel/msprobe_names.yaml names them)."""
+    from accel.dtypes import to_numpy_dtype
+    from accel.msprobe_dump import ModuleCall, from_tap_layout, module_map, write_dump
+
+    def as_dumped(name: str, layout: str | None) -> np.ndarray:
+        return from_tap_layout(np.asarray(taps[name]).astype(to_numpy_dtype(dtype)), layout)
+
+    calls = [ModuleCall(m.module, m.classes[0], [as_dumped(m.tap_in, m.in_layout)] if m.tap_in in taps else [],
+                        [as_dumped(m.tap_out, m.out_layout)])
+             for m in module_map(model.model_type, model.num_layers) if m.tap_out in taps]
+    folder = directory / target.replace(":", "_") / Path(preset).name / dtype
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_dump(folder, calls)
+
+
 def isolate_layers(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray, dtype: str,
                    ref_taps: dict[str, np.ndarray]) -> list[dict[str, float]]:
     """Each layer run on the reference's own input to it (the previous layer's output, or the embedding):
@@ -376,6 +406,8 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
         ctx.recorder.add(case_id, {}, expected, logits, compare(logits, expected, dtype))
     verdict = judge("inference", dtype, m, ref_m)
     problem = verdict.problem
+    if ctx.dump is not None:
+        dump_taps(Path(ctx.dump), backend.target, model, preset, dtype, runs[0][1])
     located = [localise(run[1], ref[1], ref[2], dtype, devs[k][1] if devs is not None else None)
                for k, (run, ref) in enumerate(zip(runs, refs))]
     per_layer = np.max([layers for _, layers in located], axis=0).tolist() if located[0][1] else []
@@ -386,6 +418,8 @@ def run_inference_case(backend: Any, preset: str, dtype: str, ctx: Context | Non
         k = next((k for k, mk in enumerate(own) if judge("inference", dtype, mk, None).problem),
                  int(np.argmax([mk["max_abs"] for mk in own])))
         row.first_divergence = located[k][0]
+        if row.first_divergence is not None:
+            row.first_divergence["module"] = hf_module(model, list(refs[k][1]), row.first_divergence["tap"])
         # The first tap out of tolerance may only be where error made earlier grows past it: each layer
         # on the reference's input names the layer that makes the error.
         local = isolate_layers(backend, model, params, inputs[k], dtype, refs[k][1])
@@ -578,6 +612,7 @@ def _localise_decode(backend: Any, model: Any, params: dict[str, np.ndarray], pr
     first, _ = localise(taps, ref_taps, ops_of, dtype)
     if first is not None:
         first["step"] = step
+        first["module"] = hf_module(model, list(ref_taps), first["tap"])
     return first
 
 

@@ -192,6 +192,7 @@ class Options:
     case_timeout: float = 300.0
     golden: str | None = None
     record: str | None = None
+    dump: str | None = None  # where the workers write msprobe dumps of the inference cases' taps
     policy: dict[str, str] = field(default_factory=dict)
     known_failures: Path = KNOWN_FAILURES
     nproc: int = 2
@@ -231,7 +232,7 @@ def _run_worker(target: str, jobs: list[Job], pending: list[int], options: Optio
                 rows: dict[int, Row], on_row: Callable[[Row], None]) -> bool:
     """One worker over the pending jobs. Returns False when it started no case at all."""
     spec = {"target": target, "jobs": [jobs[i] for i in pending], "golden": options.golden,
-            "record": options.record, "policy": options.policy, "nproc": options.nproc,
+            "record": options.record, "dump": options.dump, "policy": options.policy, "nproc": options.nproc,
             "checkpoints": options.checkpoints, "prompts": options.prompts}
     proc = subprocess.Popen([sys.executable, "-m", "accel.conformance.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)

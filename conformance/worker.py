@@ -41,7 +41,7 @@ def main() -> int:
         backend = open_target(target, policy=spec.get("policy"))
         ctx = Context(golden=GoldenRecord(spec["golden"]) if spec.get("golden") else None,
                       recorder=Recorder(Path(spec["record"])) if spec.get("record") else None,
-                      nproc=spec.get("nproc", 2))
+                      nproc=spec.get("nproc", 2), dump=spec.get("dump"))
     except AccelError as e:
         for i, (case, item, dtype) in enumerate(jobs):
             _emit(protocol, {"event": "row", "job": i, "row": Row(target, case, item, dtype, "fail",

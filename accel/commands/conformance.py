@@ -10,6 +10,7 @@ from pathlib import Path
 from accel.commands._common import table
 from accel.data.prompts import add_text_prompt_options, given_prompts
 from accel.errors import UsageError
+from accel.staging import discard_staged, stage_dir
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -43,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="compare against a golden record written on another machine")
     golden.add_argument("--write-golden", type=Path, metavar="DIR",
                         help="record inputs, expected values and this target's outputs as a golden record")
+    p.add_argument("--dump", type=Path, metavar="DIR",
+                   help="also write each target's taps of the inference cases, with their inputs, as an msprobe dump "
+                        "under the Hugging Face module names: DIR/<backend>_<device>/<model>/<dtype>/step0/rank0 "
+                        "(DIR new or empty), for `msprobe compare` against another target's or an NPU's dump")
     p.add_argument("--known-failures", type=Path, metavar="DIR",
                    help="directory of reviewed expected failures, <backend>_<device>.yaml (default: the suite's own)")
     p.add_argument("--nproc", type=int, default=2, metavar="N", help="ranks of the collective cases (default 2)")
@@ -98,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
             for note in notes:
                 print(f"conformance: {note}", flush=True)
     staging, identities = None, {}
+    if args.dump:
+        if args.dump.exists() and (not args.dump.is_dir() or any(args.dump.iterdir())):
+            raise UsageError(f"--dump {args.dump} exists and is not empty; give a new or empty directory")
+        if not args.dump.parent.is_dir():
+            raise UsageError(f"--dump: directory {args.dump.parent} does not exist")
+        options.dump = str(stage_dir(args.dump))
     if args.write_golden:
         from accel.checkpoint.identity import tensor_digests
 
@@ -110,12 +121,17 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         rows = runner.run(targets, jobs, options)
+        if options.dump:
+            os.replace(options.dump, args.dump)  # over an empty directory too
     except BaseException:
         if staging is not None and staging.exists():
             import shutil
 
             shutil.rmtree(staging)
         raise
+    finally:
+        if args.dump:
+            discard_staged(args.dump)
     seconds = time.monotonic() - start
     shown = [[r.target, r.case, r.model, r.dtype, f"{r.metrics.get('accel_cosine', float('nan')):.7f}",
               f"{r.metrics.get('max_abs', float('nan')):.2e}", f"{r.metrics.get('max_rel', float('nan')):.2e}",
@@ -124,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     print(table(shown, runner.HEADER))
     meta = {"seconds": round(seconds, 1), "targets": targets, "golden": str(args.golden) if args.golden else None}
     out = report.write(rows, args.report_dir, meta)
+    if args.dump:
+        print(f"msprobe dumps written to {args.dump}")
     if staging is not None:
         golden.finish(staging, args.write_golden, targets[0], report.environment(), identities)
         print(f"golden record written to {args.write_golden}")

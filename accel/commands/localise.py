@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-ids", metavar="IDS",
                    help="comma-separated token ids of the dumped prompt (needed for statistics-only dumps)")
     p.add_argument("--all", action="store_true",
-                   help="list every module with its propagated error, not only the ones re-run on their own input")
+                   help="re-run every module on its own dumped input and list them all (a forward per module: "
+                        "slow on a large model); by default the decoder layers (and the modules around them), then "
+                        "the modules inside the first that fails")
     p.add_argument("--json", metavar="FILE", help="also write every module's metrics as JSON")
     p.set_defaults(run=run)
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, params = load(args.model, seed=args.seed)
     ids = parse_ids(args.input_ids) if args.input_ids else None
-    result = localise(args.dump, model, params, step=args.step, rank=args.rank, input_ids=ids,
+    result = localise(args.dump, model, params, step=args.step, rank=args.rank, input_ids=ids, every=args.all,
                       progress=lambda line: print(f"localise: {line}", file=sys.stderr, flush=True))
     # by default the modules re-run on their own input (the coarse pass, then inside the first failing unit)
     shown = [r for r in result.modules if args.all or r.isolated or r.isolated_problem]
