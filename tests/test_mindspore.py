@@ -29,10 +29,14 @@ def ms_cpu():
 def test_every_op_matches_the_oracle_at_each_claimed_dtype(ms_cpu):
     dtypes = ms_cpu.capabilities().dtypes
     assert dtypes[0] == "float32" and "float16" in dtypes
-    failures = [f"{row.model}/{dtype}: {row.status} {row.detail}"
-                for dtype in dtypes for case in CASES
-                for row in [run_op_case(ms_cpu, case, dtype)] if row.status != "pass"]
+    from accel.conformance.runner import apply_known_failures
+
+    rows = apply_known_failures([run_op_case(ms_cpu, case, dtype) for dtype in dtypes for case in CASES])
+    failures = [f"{row.model}/{row.dtype}: {row.status} {row.detail}" for row in rows
+                if row.status not in ("pass", "known-failure")]
     assert not failures, failures
+    # the reviewed known failures (conformance/known_failures/mindspore_cpu.yaml) still fail as reviewed
+    assert all("now passes" not in row.detail for row in rows)
 
 
 def test_unclaimed_dtypes_really_lack_kernels(ms_cpu):

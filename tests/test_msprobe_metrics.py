@@ -181,6 +181,12 @@ def test_checker_metrics_equal_msprobe_standards(case, dtype):
              "rel_err_ratio": am.rel_err_ratio, "abs_err_ratio": am.abs_err_ratio}
     for key, theirs in pairs.items():
         _same(ours[key], _number(theirs), f"{case}/{dtype}/{key}")
+    from msprobe.pytorch.api_accuracy_checker.compare.api_precision_compare import get_absolute_threshold_result
+
+    row = {Col.INF_NAN_ERROR_RATIO: repr(am.inf_nan_error_ratio), Col.REL_ERR_RATIO: repr(am.rel_err_ratio),
+           Col.ABS_ERR_RATIO: repr(am.abs_err_ratio)}
+    verdict = get_absolute_threshold_result(row)["absolute_threshold_result"]
+    assert (tolerances.absolute_threshold(ours) is None) == (verdict == CompareConst.PASS), (case, dtype)
 
 
 def _row(m: dict[str, float], dtype: str) -> dict[str, str]:
