@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from accel.errors import AccelError
-from accel.msprobe_dump import Dump, Entry, MappedModule, module_map, read_dump, to_tap_layout
+from accel.msprobe_dump import Dump, Entry, MappedModule, call_site, module_map, read_dump, to_tap_layout
 
 REFERENCE_DEVICE = "torch:cpu"
 BOUNDARY = ("embed", "final_norm", "logits")  # with layers.{i}.out: the taps between coarse units
@@ -50,6 +50,7 @@ class ModuleResult:
     isolated: dict[str, float] = field(default_factory=dict)
     isolated_problem: str | None = None  # msprobe's benchmark standard on the isolated error
     propagated_problem: str | None = None  # accel's taps standard on the propagated error
+    called_at: str | None = None  # where the model's code called it (stack.json)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -166,8 +167,10 @@ def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: in
             r.propagated_problem = accel_standard("taps", dtype, r.propagated, theirs)
         results.append(r)
     if statistics_only:
-        return Localisation(str(dump.path), dtype, int(ids.shape[-1]), True, results,
-                            _first_by_statistics(found, results, ref))
+        by_stats = _first_by_statistics(found, results, ref)
+        if by_stats is not None:
+            by_stats.called_at = call_site(dump, by_stats.entry)
+        return Localisation(str(dump.path), dtype, int(ids.shape[-1]), True, results, by_stats)
 
     assert device is not None
     by_entry = {r.entry: r for r in results}
@@ -200,6 +203,8 @@ def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: in
                 break
         first = first or unit
         break
+    if first is not None:
+        first.called_at = call_site(dump, first.entry)
     if every:
         for k, (m, e) in enumerate(found):
             if not by_entry.get(e.name, ModuleResult("", "", "", "", "", None)).isolated:

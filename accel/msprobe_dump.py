@@ -134,6 +134,22 @@ class Dump:
         raise DumpError(f"{self.path / 'dump.json'} has no forward call {call} of module {path}")
 
 
+def call_site(dump: Dump, name: str) -> str | None:
+    """Where the model's code made call `name`, from stack.json (core/dump/data_dump/data_collector.py
+    writes {index: [[call names], ["File F, line N, in FUNC, \\n CODE", ...]]}, innermost frame first): its
+    first frame outside torch.nn and msprobe, as "modeling_qwen2.py:290 in forward: self.mlp(...)"."""
+    try:
+        stacks = json.loads((dump.path / "stack.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    frames = next((v[1] for v in stacks.values() if isinstance(v, list) and len(v) == 2 and name in v[0]), None)
+    for frame in frames or []:
+        m = re.match(r"File (?P<file>.+?), line (?P<line>\d+), in (?P<func>[^,]+),\s*\n?\s*(?P<code>.*)", str(frame), re.S)
+        if m and "/torch/nn/" not in m["file"] and "/msprobe/" not in m["file"]:
+            return f"{Path(m['file']).name}:{m['line']} in {m['func']}: {m['code'].strip()}"
+    return None
+
+
 def read_dump(path: str | Path, step: int | None = None, rank: int | str | None = None) -> Dump:
     """The dump at `path`: its root, a step<N> folder or a rank/proc folder. Where the root holds several
     steps or a step several ranks, `step` and `rank` (a number, or a folder's name: "proc1234") pick."""

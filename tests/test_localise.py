@@ -79,8 +79,9 @@ def test_localise_names_the_faulty_module_of_msprobes_own_dump(dumps, tmp_path):
     r = localise("--dump", str(dumps["faulty"] / "dump"), "--model", str(dumps["faulty"] / "hf"), "--all",
                  "--json", str(tmp_path / "out.json"))
     assert r.returncode == 1, r.stdout + r.stderr
-    first = r.stdout.strip().splitlines()[-2]
-    assert first.startswith(f"first divergence: {FAULTY} (layer 1, tap layers.1.mlp_out"), r.stdout
+    first = next(line for line in r.stdout.splitlines() if line.startswith("first divergence:"))
+    assert first.startswith(f"first divergence: {FAULTY} (layer 1, accel tap layers.1.mlp_out"), r.stdout
+    assert "called at modeling_qwen2.py:" in r.stdout and "self.mlp(hidden_states)" in r.stdout, r.stdout
     assert "isolating" in r.stderr  # progress
     result = json.loads((tmp_path / "out.json").read_text())
     by = {m["entry"]: m for m in result["modules"]}

@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     f = result.first
     where = f"layer {f.layer}, " if f.layer is not None else ""
-    print(f"first divergence: {f.entry} ({where}tap {f.tap}, op {f.op}): {f.isolated_problem}")
+    print(f"first divergence: {f.entry} ({where}accel tap {f.tap}, op {f.op}): {f.isolated_problem}")
+    if f.called_at:
+        print(f"  called at {f.called_at}")
     if f.isolated:
         print(f"  own error (on its dumped input): max abs {_fmt(f.isolated, 'max_abs', '.3g')}, "
               f"cosine {_fmt(f.isolated, 'accel_cosine', '.9f')}; propagated: max abs "
