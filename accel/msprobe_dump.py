@@ -134,6 +134,9 @@ class Dump:
         raise DumpError(f"{self.path / 'dump.json'} has no forward call {call} of module {path}")
 
 
+_FRAME = re.compile(r"File (?P<file>.+?), line (?P<line>\d+), in (?P<func>[^,]+),\s*(?P<code>.*)", re.S)
+
+
 def call_site(dump: Dump, name: str) -> str | None:
     """Where the model's code made call `name`, from stack.json (core/dump/data_dump/data_collector.py
     writes {index: [[call names], ["File F, line N, in FUNC, \\n CODE", ...]]}, innermost frame first): its
@@ -144,7 +147,7 @@ def call_site(dump: Dump, name: str) -> str | None:
         return None
     frames = next((v[1] for v in stacks.values() if isinstance(v, list) and len(v) == 2 and name in v[0]), None)
     for frame in frames or []:
-        m = re.match(r"File (?P<file>.+?), line (?P<line>\d+), in (?P<func>[^,]+),\s*\n?\s*(?P<code>.*)", str(frame), re.S)
+        m = _FRAME.match(str(frame))
         if m and "/torch/nn/" not in m["file"] and "/msprobe/" not in m["file"]:
             return f"{Path(m['file']).name}:{m['line']} in {m['func']}: {m['code'].strip()}"
     return None
