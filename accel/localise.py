@@ -110,7 +110,7 @@ class _Runner:
     """Eager forwards of one backend at one dtype, optionally on an injected input, to one tap."""
 
     def __init__(self, backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray, dtype: str):
-        from accel.conformance.cases import placed
+        from accel.conformance.taps import placed
 
         self.backend, self.model, self.dtype = backend, model, dtype
         self.params = placed(backend, params, dtype)
@@ -134,8 +134,8 @@ def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: in
              progress: Callable[[str], None] | None = None, every: bool = False) -> Localisation:
     """`every`: re-run every module on its own input, not only the coarse units and the modules inside
     the first failing one (a forward per module: slow on a large model)."""
-    from accel.conformance.cases import reference_backend
     from accel.conformance.metrics import compare
+    from accel.conformance.taps import reference_backend
     from accel.conformance.tolerances import accel as accel_standard
     from accel.conformance.tolerances import benchmark, needs_reference_device
     from accel.targets import open_target

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from accel.conformance.cases import Context, Row, forward_with_taps, model_inputs
+from accel.conformance.cases import Context, Row, model_inputs
 from accel.conformance.metrics import compare, exact
+from accel.conformance.taps import forward_with_taps
 from accel.dtypes import to_numpy_dtype
 
 FORMATS = {"mindspore-ckpt": "model.ckpt", "mindspore-safetensors": "model.safetensors", "torch-bin": "model.bin",
