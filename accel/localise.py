@@ -131,9 +131,12 @@ class _Runner:
 
 def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: int | None = None,
              rank: int | str | None = None, input_ids: np.ndarray | None = None,
-             progress: Callable[[str], None] | None = None, every: bool = False) -> Localisation:
+             progress: Callable[[str], None] | None = None, every: bool = False,
+             write_reference: str | Path | None = None) -> Localisation:
     """`every`: re-run every module on its own input, not only the coarse units and the modules inside
-    the first failing one (a forward per module: slow on a large model)."""
+    the first failing one (a forward per module: slow on a large model). `write_reference`: a new
+    directory for accel's float64 reference on the dump's own inputs, in the dump's dtype, as an msprobe
+    dump under the same module names: the golden side of `msprobe compare` for the device's dump."""
     from accel.conformance.metrics import compare
     from accel.conformance.taps import reference_backend
     from accel.conformance.tolerances import accel as accel_standard
@@ -150,6 +153,12 @@ def localise(dump_path: str | Path, model: Any, params: dict[str, Any], step: in
     reference = _Runner(reference_backend(), model, params, ids, "float64")
     ref = reference.taps()
     ops_of = reference.ops
+    if write_reference is not None:
+        from accel.conformance.taps import module_calls
+        from accel.msprobe_dump import write_dump
+
+        write_dump(write_reference, module_calls(model, dtype, ref))
+        say(f"accel's reference written to {Path(write_reference) / 'step0' / 'rank0'}")
     device = None if statistics_only else _Runner(open_target(REFERENCE_DEVICE, policy={}), model, params, ids, dtype)
     dev = device.taps() if device is not None and needs_reference_device("taps", dtype) else None
     results = []

@@ -95,21 +95,27 @@ def hf_module(model: Any, order: list[str], tap: str) -> str | None:
     return f"Module.{m.module}.{m.classes[0]}.forward.0" if m is not None else None
 
 
-def dump_taps(directory: Path, target: str, model: Any, preset: str, dtype: str, taps: dict[str, np.ndarray]) -> None:
-    """`taps` (of one prompt) as an msprobe dump of the Hugging Face model's modules, in `dtype`:
-    DIRECTORY/<backend>_<device>/<model>/<dtype>/step0/rank0 (accel/msprobe_names.yaml names them)."""
+def module_calls(model: Any, dtype: str, taps: dict[str, np.ndarray]) -> list[Any]:
+    """`taps` as the Hugging Face model's module calls (accel/msprobe_names.yaml), in `dtype`, for an msprobe
+    dump: each mapped module with its output and, where tapped, its input."""
     from accel.dtypes import to_numpy_dtype
-    from accel.msprobe_dump import ModuleCall, from_tap_layout, module_map, write_dump
+    from accel.msprobe_dump import ModuleCall, from_tap_layout, module_map
 
     def as_dumped(name: str, layout: str | None) -> np.ndarray:
         return from_tap_layout(np.asarray(taps[name]).astype(to_numpy_dtype(dtype)), layout)
 
-    calls = [ModuleCall(m.module, m.classes[0], [as_dumped(m.tap_in, m.in_layout)] if m.tap_in in taps else [],
-                        [as_dumped(m.tap_out, m.out_layout)])
-             for m in module_map(model.model_type, model.num_layers) if m.tap_out in taps]
+    return [ModuleCall(m.module, m.classes[0], [as_dumped(m.tap_in, m.in_layout)] if m.tap_in in taps else [],
+                       [as_dumped(m.tap_out, m.out_layout)])
+            for m in module_map(model.model_type, model.num_layers) if m.tap_out in taps]
+
+
+def dump_taps(directory: Path, target: str, model: Any, preset: str, dtype: str, taps: dict[str, np.ndarray]) -> None:
+    """`taps` (of one prompt) as an msprobe dump: DIRECTORY/<backend>_<device>/<model>/<dtype>/step0/rank0."""
+    from accel.msprobe_dump import write_dump
+
     folder = directory / target.replace(":", "_") / Path(preset).name / dtype
     folder.parent.mkdir(parents=True, exist_ok=True)
-    write_dump(folder, calls)
+    write_dump(folder, module_calls(model, dtype, taps))
 
 
 def isolate_layers(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray, dtype: str,

@@ -98,6 +98,23 @@ def test_localise_names_the_faulty_module_of_msprobes_own_dump(dumps, tmp_path):
         assert by[after]["propagated_problem"] is not None and by[after]["isolated_problem"] is None, after
 
 
+def test_msprobe_compare_of_msprobes_dump_against_accels_reference_flags_the_same_module(dumps, tmp_path):
+    r = localise("--dump", str(dumps["faulty"] / "dump"), "--model", str(dumps["faulty"] / "hf"),
+                 "--write-reference", str(tmp_path / "reference"))
+    assert r.returncode == 1 and f"first divergence: {FAULTY}" in r.stdout, r.stdout + r.stderr
+    (target,) = (dumps["faulty"] / "dump").glob("step0/proc*/dump.json")
+    msprobe = str(Path(sys.executable).with_name("msprobe"))
+    golden = tmp_path / "reference/step0/rank0/dump.json"
+    c = subprocess.run([msprobe, "compare", "-tp", str(target), "-gp", str(golden), "-o", str(tmp_path / "cmp")],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]
+    row = first_error_row(tmp_path / "cmp")
+    assert row is not None and row["NPU Name"] == f"{FAULTY}.output.0", row
+    r = localise("--dump", str(dumps["faulty"] / "dump"), "--model", str(dumps["faulty"] / "hf"),
+                 "--write-reference", str(tmp_path / "reference"))
+    assert r.returncode == 2 and "exists and is not empty" in r.stderr
+
+
 def test_localise_finds_no_divergence_in_a_healthy_dump(dumps):
     r = localise("--dump", str(dumps["healthy"] / "dump"), "--model", str(dumps["healthy"] / "hf"))
     assert r.returncode == 0, r.stdout + r.stderr

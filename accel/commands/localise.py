@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from accel.commands._common import atomic_write, parse_ids, table
+from accel.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "slow on a large model); by default the decoder layers (and the modules around them), then "
                         "the modules inside the first that fails")
     p.add_argument("--json", metavar="FILE", help="also write every module's metrics as JSON")
+    p.add_argument("--write-reference", metavar="DIR",
+                   help="also write accel's float64 reference on the dump's own inputs, in the dump's dtype, as an "
+                        "msprobe dump under the same module names (DIR new or empty): `msprobe compare -tp "
+                        "<the dump's dump.json> -gp DIR/step0/rank0/dump.json` then flags the same module")
     p.set_defaults(run=run)
 
 
@@ -44,9 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from accel.localise import localise
     from accel.models import load
 
+    if args.write_reference and (out := Path(args.write_reference)).exists() and (
+            not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--write-reference {out} exists and is not empty; give a new or empty directory")
     model, params = load(args.model, seed=args.seed)
     ids = parse_ids(args.input_ids) if args.input_ids else None
     result = localise(args.dump, model, params, step=args.step, rank=args.rank, input_ids=ids, every=args.all,
+                      write_reference=args.write_reference,
                       progress=lambda line: print(f"localise: {line}", file=sys.stderr, flush=True))
     # by default the modules re-run on their own input (the coarse pass, then inside the first failing unit)
     shown = [r for r in result.modules if args.all or r.isolated or r.isolated_problem]
