@@ -100,8 +100,11 @@ def config_from_pretrained(directory: str | Path) -> Model:
     from accel.checkpoint.hf import read_config
 
     directory = Path(directory)
-    path = directory / "config.json"
-    cfg = read_config(directory)
+    return model_from_config(read_config(directory), directory / "config.json", directory.name)
+
+
+def model_from_config(cfg: dict[str, Any], path: Path, name: str) -> Model:
+    """The model a config.json (read from `path`) describes, named `name`."""
     model_type = cfg.get("model_type")
     if model_type is None:
         raise ModelError(f"{path} has no model_type")
@@ -110,7 +113,7 @@ def config_from_pretrained(directory: str | Path) -> Model:
     cls = family(model_type)
     check_config(cfg, path)
     try:
-        model = cls.from_hf_config(cfg, name=directory.name)
+        model = cls.from_hf_config(cfg, name=name)
     except KeyError as e:
         raise ModelError(f"{path} lacks field {e} that {model_type} needs") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:  # what check_config misses

@@ -107,3 +107,56 @@ def compare(a: str, b: str, model: str | None = None, config: str | Path | None 
             if what:
                 differences[name] = what
     return Comparison(names, differences, nbytes, mapped)
+
+
+@dataclass
+class LogitsComparison:
+    tokens: int
+    target: str
+    dtype: str
+    metrics: dict[str, float]
+    problem: str | None  # accel's inference standard at `dtype`, b's logits against a's
+
+    @property
+    def agree(self) -> bool:
+        return self.problem is None
+
+
+def compare_logits(a: str, b: str, model: str | None = None, config: str | Path | None = None,
+                   ids: np.ndarray | None = None, target: str = "torch:cpu",
+                   dtype: str = "float32") -> LogitsComparison:
+    """One forward of the model on each checkpoint (any formats and key maps, read under the HF names),
+    on the same token ids: `b`'s logits against `a`'s, judged by accel's inference standard at `dtype`
+    (a lossless conversion gives the same logits bit for bit; a permuted q/k does not come close)."""
+    from accel.checkpoint.convert import open_named
+    from accel.conformance.metrics import compare as metrics
+    from accel.conformance.tolerances import accel as accel_standard
+    from accel.errors import CheckpointError, UsageError
+    from accel.models import model_from_config
+    from accel.runtime import place
+    from accel.targets import open_target
+
+    (_, pa), (_, pb) = parse_spec(a), parse_spec(b)
+    config_path = find_config(pa, config) or find_config(pb, None)
+    if config_path is None:
+        raise UsageError("--logits needs the model's config.json (beside a checkpoint, or --config CONFIG.json)")
+    m = model_from_config(load_config(config_path), config_path, config_path.parent.name)
+    backend = open_target(target, policy={})
+    backend.check_dtype(dtype)
+    logits = []
+    for spec in (a, b):
+        view = open_named(spec, "hf", model=model or m.model_type, config=config_path)
+        spec_of = m.param_spec()
+        missing = [n for n in spec_of if n not in set(view.keys())]
+        if missing:
+            raise CheckpointError(f"{spec}: tensor {missing[0]} the model needs is missing"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        params = place(backend, {n: view.get(n) for n in spec_of}, dtype, consume=True)
+        if ids is None:
+            ids = np.random.default_rng(0).integers(0, m.vocab_size, (1, 16))
+        out = m.forward(backend.ops, params, backend.asarray(ids, "int64"))
+        logits.append(np.asarray(backend.to_numpy(out), dtype=np.float64))
+        del params
+    assert ids is not None
+    got = metrics(logits[1], logits[0], dtype)
+    return LogitsComparison(int(ids.shape[-1]), target, dtype, got, accel_standard("inference", dtype, got))
