@@ -267,6 +267,8 @@ import os, signal, sys
 import numpy as np
 from accel.msprobe_dump import ModuleCall, write_dump
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
+
 class Signals:  # signals its process while write_dump converts it
     def __array__(self, dtype=None, copy=None):
         os.kill(os.getpid(), {int(signum)})
