@@ -9,6 +9,7 @@ from pathlib import Path
 from accel.checkpoint import mindspore_ckpt, npz, safetensors, torch_bin
 from accel.checkpoint.base import Entry, Reader
 from accel.checkpoint.hf import HFCheckpoint
+from accel.checkpoint.merge import MergedCheckpoint, is_distributed
 from accel.errors import CheckpointError, UsageError
 
 
@@ -48,6 +49,8 @@ def open_reader(fmt: Format, path: Path) -> Reader:
     """A file of the format, or for safetensors/torch-bin also an HF checkpoint directory."""
     if fmt.sharded and path.is_dir():
         return HFCheckpoint(path, fmt.name)
+    if fmt.name == "mindspore-ckpt" and is_distributed(path):  # rank_*/ shards of a distributed run
+        return MergedCheckpoint(path)
     if path.exists() and not path.is_file():  # a FIFO or device would block the read, or never end
         raise CheckpointError(f"{path} is not a regular file; give a checkpoint file"
                               + (" or directory" if fmt.sharded else ""))
