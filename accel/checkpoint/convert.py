@@ -35,7 +35,7 @@ import numpy as np
 from accel.checkpoint.base import FLOATS, Chunk, Entry, FileReader, Reader, Span, size_of, transfer
 from accel.checkpoint.formats import open_reader, parse_spec, writes_directory
 from accel.checkpoint.hf import HFCheckpoint, write_directory
-from accel.checkpoint.keymap import SIDES, KeyMap, MappedView, Planned, resolve_family
+from accel.checkpoint.keymap import SIDES, SMALL_PIECE, KeyMap, MappedView, Planned, generations, resolve_family
 from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
 from accel.errors import AccelError, CheckpointError, ModelError, UsageError
 from accel.inputs import read_json_object
@@ -164,12 +164,19 @@ def mapping(reader: Reader, src_names: str | None, dst_names: str | None, *, mod
                              "FAMILY or --config CONFIG.json, or --keymap keep to keep the names")
         return [Planned(n, reader.info(n), ((n, 0, reader.info(n).nbytes),), "same") for n in reader.keys()], \
             "as stored", "as stored", None
-    km = KeyMap(family)
+    side, _, generation = (wanted or "").partition(":")
+    if wanted not in (None, "keep") and (side not in SIDES or (generation and side != "mindformers")):
+        raise UsageError(f"--keymap {wanted!r}: use hf, mindformers, mindformers:GENERATION or keep")
+    if generation and generation not in generations(family)[0]:
+        raise UsageError(f"--keymap {wanted}: the {family} key map has no generation {generation!r}; "
+                         f"use one of {', '.join(generations(family)[0])}")
+    km = KeyMap(family, generation or None)
     src = km.side_of(reader.keys(), src_names or "hf")
-    dst = src if wanted in (None, "keep") else wanted
-    if dst not in SIDES:
-        raise UsageError(f"--keymap {wanted!r}: use hf, mindformers or keep")
-    return km.plan(reader, src, dst, config, allow_unmapped), src, dst, family
+    dst = src if wanted in (None, "keep") else side
+    planned = km.plan(reader, src, dst, config, allow_unmapped)
+    # the naming recorded in the manifest says which MindFormers generation it is
+    src_label = km.label(src, reader.keys())
+    return planned, src_label, src_label if dst == src else km.label(dst), family
 
 
 HASH_STEP = 1 << 20  # bytes hashed at a time, well within a core's L2 cache
@@ -404,6 +411,8 @@ def _spans(view: MappedView, name: str, hasher: Hasher) -> Callable[[], Iterator
     p = view.source(name)
     if view.info(name).dtype != p.info.dtype:
         return None
+    if len(p.pieces) > 64 and p.info.nbytes // len(p.pieces) < SMALL_PIECE:
+        return None  # interleaved rows: one span each would be a copy per row; streaming reads in batches
     parts = []
     for src, begin, end in p.pieces:
         r = view.reader.files[src] if isinstance(view.reader, HFCheckpoint) else view.reader

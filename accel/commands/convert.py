@@ -9,7 +9,7 @@ from accel.checkpoint.base import FLOATS
 
 def register(sub: argparse._SubParsersAction) -> None:
     from accel.checkpoint.formats import FORMATS
-    from accel.checkpoint.keymap import families
+    from accel.checkpoint.keymap import families, generations
 
     p = sub.add_parser(
         "convert", help="convert a checkpoint between formats and HF/MindFormers names",
@@ -31,8 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=FLOATS, help="cast floating-point tensors (round to nearest even)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="largest shard of a directory output, e.g. 2GB "
                                                             "(default 5GB)")
-    p.add_argument("--keymap", choices=("hf", "mindformers", "keep"),
-                   help="names to write: Hugging Face's, MindFormers', or keep the source's")
+    gens = "; ".join(f"{f}: " + ", ".join(f"{g} (default)" if g == default else g for g in names)
+                     for f in families() for names, default in [generations(f)] if len(names) > 1)
+    p.add_argument("--keymap", metavar="NAMES",
+                   help="names to write: hf (Hugging Face's), mindformers (MindFormers' default generation), "
+                        f"mindformers:GENERATION ({gens}) or keep (the source's). Reading MindFormers names, "
+                        "the generation is the one that knows most of them")
     p.add_argument("--allow-unmapped", action="store_true",
                    help="copy tensors the key map does not know unchanged (default: an error)")
     p.add_argument("--overwrite", action="store_true",
