@@ -110,3 +110,49 @@ def test_copies_that_differ_and_missing_strategies_are_refused(tmp_path, capsys)
     assert main(["convert", "--from", f"mindspore-ckpt:{src}", "--to", f"safetensors:{tmp_path / 'm.safetensors'}",
                  "--keymap", "keep"]) == 2
     assert "holds no parallel strategy file" in capsys.readouterr().err
+
+
+def test_a_tensor_parallel_qwen2_run_merges_back_to_the_hf_checkpoint_it_started_from(tmp_path, capsys):
+    """HF Qwen2 -> MindFormers 2.x names (fused linear_qkv/linear_fc1) -> 2 tensor-parallel shards as a
+    Megatron-style run holds them (fused rows, embeddings and output rows split; linear_proj/linear_fc2
+    columns; norms replicated) -> accel convert merges and maps back -> the same tensors and logits."""
+    from mindspore.train import node_strategy_pb2 as pb
+
+    from accel.checkpoint.mindspore_ckpt import MindSporeCkptFile
+    from tests.conftest import save_hf_qwen2
+
+    src = save_hf_qwen2(tmp_path / "hf")
+    whole = tmp_path / "whole.ckpt"
+    convert(f"safetensors:{src / 'model.safetensors'}", f"mindspore-ckpt:{whole}", keymap="mindformers:megatron")
+    tensors = {k: MindSporeCkptFile(whole).get(k) for k in MindSporeCkptFile(whole).keys()}
+    rows = ("linear_qkv", "linear_fc1", "word_embeddings", "output_layer")
+    columns = ("linear_proj", "linear_fc2")
+    tmaps = {k: ([0] + [-1] * (a.ndim - 1) if any(r in k for r in rows) else
+                 [-1, 0] if any(c in k for c in columns) else None) for k, a in tensors.items()}
+    m = pb.ParallelStrategyMap()
+    m.current_stage = 1
+    for name, tmap in tmaps.items():
+        if tmap is not None:
+            item = m.parallel_layout_item.add()
+            item.param_name = name
+            lay = item.parallel_layouts
+            lay.dev_matrix.add().dim.extend([2])
+            lay.tensor_map.add().dim.extend(tmap)
+            lay.param_split_shape.add()
+            lay.indices_offset.add()
+            lay.field, lay.opt_weight_shard_step, lay.opt_weight_shard_size = 0, 0, 0
+    run = tmp_path / "run"
+    (run / "strategy").mkdir(parents=True)
+    (run / "strategy" / "ckpt_strategy_rank_0.ckpt").write_bytes(m.SerializeToString())
+    for rank in range(2):
+        (run / f"rank_{rank}").mkdir()
+        parts = {k: (a if tmaps[k] is None else np.split(a, 2, axis=tmaps[k].index(0))[rank]) for k, a in tensors.items()}
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(a))} for k, a in parts.items()],
+                           str(run / f"rank_{rank}" / "qwen2.ckpt"))
+    out = tmp_path / "back.safetensors"
+    assert main(["convert", "--from", f"mindspore-ckpt:{run}", "--to", f"safetensors:{out}",
+                 "--config", str(src / "config.json")]) == 0
+    assert main(["verify", f"safetensors:{src / 'model.safetensors'}", f"safetensors:{out}", "--logits",
+                 "--config", str(src / "config.json")]) == 0
+    said = capsys.readouterr().out
+    assert "equal: 27 tensors" in said and "max abs diff 0," in said, said
