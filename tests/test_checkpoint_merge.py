@@ -146,7 +146,7 @@ def test_a_tensor_parallel_qwen2_run_merges_back_to_the_hf_checkpoint_it_started
     (run / "strategy" / "ckpt_strategy_rank_0.ckpt").write_bytes(m.SerializeToString())
     for rank in range(2):
         (run / f"rank_{rank}").mkdir()
-        parts = {k: (a if tmaps[k] is None else np.split(a, 2, axis=tmaps[k].index(0))[rank]) for k, a in tensors.items()}
+        parts = {k: a if (t := tmaps[k]) is None else np.split(a, 2, axis=t.index(0))[rank] for k, a in tensors.items()}
         ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(a))} for k, a in parts.items()],
                            str(run / f"rank_{rank}" / "qwen2.ckpt"))
     out = tmp_path / "back.safetensors"
