@@ -106,10 +106,21 @@ def test_copies_that_differ_and_missing_strategies_are_refused(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "q.weight: rank_3's copy differs from rank_1's" in err and "Traceback" not in err
     assert not (tmp_path / "m.safetensors").exists() and not list(tmp_path.glob(".m.safetensors*"))
-    (src / "ckpt_strategy.ckpt").unlink()
+    (src / "ckpt_strategy.ckpt").rename(tmp_path / "elsewhere.ckpt")
     assert main(["convert", "--from", f"mindspore-ckpt:{src}", "--to", f"safetensors:{tmp_path / 'm.safetensors'}",
                  "--keymap", "keep"]) == 2
     assert "holds no parallel strategy file" in capsys.readouterr().err
+    # given with --strategy, where it lies; the untampered layers merge, the tampered copy still refused
+    assert main(["convert", "--from", f"mindspore-ckpt:{src}", "--to", f"safetensors:{tmp_path / 'm.safetensors'}",
+                 "--keymap", "keep", "--strategy", str(tmp_path / "elsewhere.ckpt")]) == 2
+    assert "rank_3's copy differs" in capsys.readouterr().err
+    (tmp_path / "junk.ckpt").write_bytes(b"\x08\x01junk")
+    assert main(["convert", "--from", f"mindspore-ckpt:{src}", "--to", f"safetensors:{tmp_path / 'm.safetensors'}",
+                 "--keymap", "keep", "--strategy", str(tmp_path / "junk.ckpt")]) == 2
+    assert "is not a MindSpore parallel strategy file" in capsys.readouterr().err
+    assert main(["convert", "--from", f"mindspore-ckpt:{src / 'rank_0' / 'qwen2_rank_0-1_2.ckpt'}", "--to",
+                 f"safetensors:{tmp_path / 'm.safetensors'}", "--strategy", str(tmp_path / "elsewhere.ckpt")]) == 2
+    assert "--strategy merges a distributed MindSpore checkpoint" in capsys.readouterr().err
 
 
 def test_a_tensor_parallel_qwen2_run_merges_back_to_the_hf_checkpoint_it_started_from(tmp_path, capsys):

@@ -451,7 +451,7 @@ def _stage(path: Path) -> Path:
 def convert(source: str, output: str, *, model: str | None = None, config: str | Path | None = None,
             dtype: str | None = None, max_shard_size: str | None = None, keymap: str | None = None,
             allow_unmapped: bool = False, progress: TextIO | None = None, progress_every: float = 2.0,
-            overwrite: bool = False) -> Result:
+            overwrite: bool = False, strategy: str | Path | None = None) -> Result:
     """Convert `FORMAT:PATH` to `FORMAT:PATH`; see the module docstring. An output or manifest that would
     land on a file the conversion reads is refused, and an existing one is replaced only with `overwrite`."""
     start = time.perf_counter()
@@ -470,7 +470,7 @@ def convert(source: str, output: str, *, model: str | None = None, config: str |
     if directory and dst_path.exists():
         raise UsageError(f"{dst_path} already exists; give a new directory for the sharded {fmt_dst.name} output")
 
-    reader = open_reader(fmt_src, src_path)
+    reader = open_reader(fmt_src, src_path, Path(strategy) if strategy else None)
     if not reader.keys():
         raise CheckpointError(f"{src_path} holds no tensors")
     if isinstance(reader, MindSporeCkptFile):

@@ -45,12 +45,17 @@ def parse_spec(text: str) -> tuple[Format, Path]:
     return FORMATS[fmt], Path(path)
 
 
-def open_reader(fmt: Format, path: Path) -> Reader:
-    """A file of the format, or for safetensors/torch-bin also an HF checkpoint directory."""
+def open_reader(fmt: Format, path: Path, strategy: Path | None = None) -> Reader:
+    """A file of the format, or for safetensors/torch-bin also an HF checkpoint directory, or for
+    mindspore-ckpt a distributed run's rank_*/ directory (merged through `strategy`, by default the
+    *strategy*.ckpt beside the rank folders)."""
     if fmt.sharded and path.is_dir():
         return HFCheckpoint(path, fmt.name)
     if fmt.name == "mindspore-ckpt" and is_distributed(path):  # rank_*/ shards of a distributed run
-        return MergedCheckpoint(path)
+        return MergedCheckpoint(path, strategy)
+    if strategy is not None:
+        raise UsageError(f"--strategy merges a distributed MindSpore checkpoint: {path} is not a directory of "
+                         "rank_* folders")
     if path.exists() and not path.is_file():  # a FIFO or device would block the read, or never end
         raise CheckpointError(f"{path} is not a regular file; give a checkpoint file"
                               + (" or directory" if fmt.sharded else ""))

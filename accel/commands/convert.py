@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="names to write: hf (Hugging Face's), mindformers (MindFormers' default generation), "
                         f"mindformers:GENERATION ({gens}) or keep (the source's). Reading MindFormers names, "
                         "the generation is the one that knows most of them")
+    p.add_argument("--strategy", metavar="FILE",
+                   help="the parallel strategy file of a distributed MindSpore checkpoint (--from mindspore-ckpt:DIR "
+                        "with rank_*/ folders; default: the *strategy*.ckpt in DIR or DIR/strategy/)")
     p.add_argument("--allow-unmapped", action="store_true",
                    help="copy tensors the key map does not know unchanged (default: an error)")
     p.add_argument("--overwrite", action="store_true",
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     r = convert(args.source, args.output, model=args.model, config=args.config, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, keymap=args.keymap, allow_unmapped=args.allow_unmapped,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, strategy=args.strategy)
     names = (f"names {r.source_names} -> {r.output_names}" if r.source_names != r.output_names
              else f"names {r.output_names}")
     rules = ", ".join(f"{n} {k}" for k, n in sorted(r.rules.items()))
