@@ -117,14 +117,10 @@ class _Runner:
         self.ids = backend.asarray(ids, "int64")
 
     def taps(self, inject: dict[str, np.ndarray] | None = None, until: str | None = None) -> dict[str, np.ndarray]:
-        from accel.models._layers import TapReached, Taps
+        from accel.conformance.taps import eager_taps
 
         fed = {k: self.backend.asarray(v, self.dtype) for k, v in (inject or {}).items()}
-        taps = Taps(fed, until=until)
-        try:
-            self.model.forward(self.backend.ops, self.params, self.ids, taps=taps)
-        except TapReached:
-            pass
+        taps = eager_taps(self.backend, self.model, self.params, self.ids, fed, until)
         self.ops = dict(taps.ops)
         return {k: np.asarray(self.backend.to_numpy(v), dtype=np.float64) for k, v in taps.items()}
 

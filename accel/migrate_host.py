@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import torch  # framework-import-ok: accel.migrate's cpu stand-ins, imported by it only under torch
 
 from accel.hostmem import host_memory, peak_rss, reset_peak_rss, rss
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import torch  # framework-import-ok: accel.migrate's runtime, imported by it after its torch autoload switch
 
 from accel.errors import AccelError
 
@@ -196,7 +196,7 @@ def for_scripts(new: Callable[..., Any], original: Callable[..., Any]) -> Callab
 
 def map_location(target: Target, location: Any) -> Any:
     if location is None:  # tensors saved on CUDA come back on the target; everything else as saved
-        from torch.serialization import default_restore_location
+        from torch.serialization import default_restore_location  # framework-import-ok: lazy, torch.load's
 
         def restore(storage: Any, saved_at: str) -> Any:
             if CUDA_STR.fullmatch(saved_at):

@@ -61,7 +61,7 @@ class TensorRecord:
         """The data as float64, or in its own dtype (bfloat16 as ml_dtypes.bfloat16)."""
         if self.path is None:
             raise DumpError(f"{self.name} has statistics only: dump with task 'tensor' to have its data")
-        import torch
+        import torch  # framework-import-ok: lazy, msprobe's .pt files are torch's
 
         try:
             t = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -247,16 +247,21 @@ class ModuleCall:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
+def refuse_taken(path: Path, what: str) -> None:
+    """A dump is written only into a new or empty directory whose parent exists."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DumpError(f"{what} {path} exists and is not empty; give a new or empty directory")
+    if not path.parent.is_dir():
+        raise DumpError(f"{what}: directory {path.parent} does not exist")
+
+
 def write_dump(path: str | Path, calls: Sequence[ModuleCall], task: str = "tensor") -> Path:
     """Writes `calls`, in order, as msprobe's dump of one step on one rank, PATH/step0/rank0/, which it
     returns. PATH must be new or empty; it appears complete or not at all."""
     path = Path(path)
     if task not in ("tensor", "statistics"):
         raise DumpError(f"task {task!r}: write_dump writes task 'tensor' or 'statistics'")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DumpError(f"{path} exists and is not empty; give write_dump a new or empty directory")
-    if not path.parent.is_dir():
-        raise DumpError(f"directory {path.parent} does not exist")
+    refuse_taken(path, "write_dump")
     with _sigterm_raises():
         try:
             staged = stage_dir(path)
@@ -298,7 +303,7 @@ def _write(folder: Path, final: Path, calls: Sequence[ModuleCall], task: str) ->
 
 
 def _record(x: Any, name: str, data_dir: Path | None, requires_grad: bool) -> dict[str, Any]:
-    import torch
+    import torch  # framework-import-ok: lazy, msprobe's .pt files are torch's
 
     if not isinstance(x, torch.Tensor):
         a = np.asarray(x, order="C")

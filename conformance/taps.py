@@ -118,6 +118,20 @@ def dump_taps(directory: Path, target: str, model: Any, preset: str, dtype: str,
     write_dump(folder, module_calls(model, dtype, taps))
 
 
+def eager_taps(backend: Any, model: Any, on_device: Any, ids: Any, inject: dict[str, Any] | None = None,
+               until: str | None = None) -> Any:
+    """The Taps of an eager forward of weights and ids already on `backend`, with `inject`'s values taken
+    in place of what it computes at those taps, stopped after tap `until`."""
+    from accel.models._layers import TapReached, Taps
+
+    taps = Taps(inject, until=until)
+    try:
+        model.forward(backend.ops, on_device, ids, taps=taps)
+    except TapReached:
+        pass
+    return taps
+
+
 def isolate_layers(backend: Any, model: Any, params: dict[str, Any], ids: np.ndarray, dtype: str,
                    ref_taps: dict[str, np.ndarray]) -> list[dict[str, float]]:
     """Each layer run on the reference's own input to it (the previous layer's output, or the embedding):
@@ -126,19 +140,13 @@ def isolate_layers(backend: Any, model: Any, params: dict[str, Any], ids: np.nda
     `out_scale`, the largest magnitude of its output: checkpoints carry massive activations in a few
     channels of the residual stream, beside which a layer's error vanishes in metrics of its output
     alone. Eager, on the backend's ops (a compiler would need a graph per layer)."""
-    from accel.models._layers import TapReached, Taps
-
     on_device = placed(backend, params, dtype)
     x = backend.asarray(ids, "int64")
     out = []
     for i in range(model.num_layers):
         source, name = "embed" if i == 0 else f"layers.{i - 1}.out", f"layers.{i}.out"
         fed = backend.asarray(ref_taps[source], dtype)
-        taps = Taps({source: fed}, until=name)
-        try:
-            model.forward(backend.ops, on_device, x, taps=taps)
-        except TapReached:
-            pass
+        taps = eager_taps(backend, model, on_device, x, {source: fed}, until=name)
         got = np.asarray(backend.to_numpy(taps[name]), dtype=np.float64)
         given = np.asarray(backend.to_numpy(fed), dtype=np.float64)  # the input as the layer saw it, rounded
         m = compare(got - given, ref_taps[name] - ref_taps[source], dtype)

@@ -16,6 +16,7 @@ import pytest
 
 from accel.msprobe_dump import first_error_row
 from tests.conftest import QWEN2_TINY
+from tests.msprobe_fixtures import dump_script, run_together
 
 pytest.importorskip("msprobe")
 
@@ -24,32 +25,12 @@ FAULTY = "Module.model.layers.1.mlp.Qwen2MLP.forward.0"
 
 # One PrecisionDebugger dump per process (its debugger is a singleton): a seeded random Qwen2, saved with
 # save_pretrained, its layer 1 MLP's output scaled by FACTOR (1 = healthy) while msprobe dumps.
-DUMP = r"""
-import json, sys
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from msprobe.pytorch import PrecisionDebugger
-
+SETUP = r"""
 task, factor, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-torch.manual_seed(0)
-model = Qwen2ForCausalLM(Qwen2Config(**CONFIG)).eval()
-with torch.no_grad():  # HF initialises biases and norms to 0 and 1: randomised, so that mistakes show
-    for name, p in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            p.add_(0.1 * torch.randn_like(p))
 model.save_pretrained(out + "/hf")
 mlp = model.model.layers[1].mlp
 forward = mlp.forward
 mlp.forward = lambda x: forward(x) * factor
-config = {"task": task, "dump_path": out + "/dump", "rank": [], "step": [], "level": "mix",
-          task: {"scope": [], "list": [], "data_mode": ["all"]}}
-json.dump(config, open(out + "/config.json", "w"))
-debugger = PrecisionDebugger(config_path=out + "/config.json")
-debugger.start(model=model)
-with torch.no_grad():
-    model(torch.tensor([IDS]))
-debugger.stop()
-debugger.step()
 """
 
 RUNS = {"healthy": ("tensor", 1.0), "faulty": ("tensor", 1.5), "statistics": ("statistics", 3.0)}
@@ -58,15 +39,11 @@ RUNS = {"healthy": ("tensor", 1.0), "faulty": ("tensor", 1.5), "statistics": ("s
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("msprobe-dumps")
-    script = DUMP.replace("CONFIG", repr(QWEN2_TINY | {"num_hidden_layers": 3})).replace("IDS", repr(IDS))
-    procs = {}
-    for name, (task, factor) in RUNS.items():
+    script = dump_script(QWEN2_TINY | {"num_hidden_layers": 3}, IDS, SETUP)
+    for name in RUNS:
         (base / name).mkdir()
-        procs[name] = subprocess.Popen([sys.executable, "-c", script, task, str(factor), str(base / name)], cwd=base,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for name, p in procs.items():
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, f"{name}: {out[-3000:]}"
+    run_together([[sys.executable, "-c", script, task, str(factor), str(base / name)]
+                  for name, (task, factor) in RUNS.items()], base)
     return {name: base / name for name in RUNS}
 
 

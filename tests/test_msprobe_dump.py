@@ -20,6 +20,7 @@ import pytest
 from accel.models._layers import Taps
 from accel.msprobe_dump import DumpError, ModuleCall, first_error_row, module_map, read_dump, to_tap_layout, write_dump
 from tests.conftest import QWEN2_TINY
+from tests.msprobe_fixtures import dump_script, run_together
 
 IDS = [5, 17, 33, 2, 200, 91, 7]
 PLANTED = "model.layers.1.mlp.down_proj"
@@ -27,19 +28,8 @@ PLANTED = "model.layers.1.mlp.down_proj"
 # One PrecisionDebugger dump per process (msprobe's debugger is a singleton) of a seeded random Qwen2 (the
 # same weights in each, saved for accel by the float32 run), each module's first output captured by a
 # forward hook of the same run.
-DUMP = r"""
-import json, sys
-import numpy as np, torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from msprobe.pytorch import PrecisionDebugger
-
+SETUP = r"""
 task, dtype, out = sys.argv[1:4]
-torch.manual_seed(0)
-model = Qwen2ForCausalLM(Qwen2Config(**CONFIG)).eval()
-with torch.no_grad():  # HF initialises biases and norms to 0 and 1: randomised, so that mistakes show
-    for name, p in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            p.add_(0.1 * torch.randn_like(p))
 if dtype == "float32":
     model.save_pretrained(out + "/hf")
 model = model.to(getattr(torch, dtype))
@@ -52,25 +42,7 @@ def keep(name):
 for name, module in model.named_modules():
     if name:
         module.register_forward_hook(keep(name))
-config = {"task": task, "dump_path": out + "/dump", "rank": [], "step": [], "level": "mix",
-          task: {"scope": [], "list": [], "data_mode": ["all"]}}
-json.dump(config, open(out + "/config.json", "w"))
-debugger = PrecisionDebugger(config_path=out + "/config.json")
-debugger.start(model=model)
-with torch.no_grad():
-    model(torch.tensor([IDS]))
-debugger.stop()
-debugger.step()
-np.savez(out + "/outputs.npz", **seen)
 """
-
-
-def _run_together(commands: list[list[str]], cwd: Path) -> None:
-    procs = [subprocess.Popen(c, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in commands]
-    for c, p in zip(commands, procs):
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, f"{' '.join(c[:3])}: {out[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +52,8 @@ def hf(tmp_path_factory):
     runs = {"tensor": "float32", "statistics": "bfloat16"}
     for task in runs:
         (base / task).mkdir()
-    script = DUMP.replace("CONFIG", repr(QWEN2_TINY)).replace("IDS", repr(IDS))
-    _run_together([[sys.executable, "-c", script, task, dtype, str(base / task)] for task, dtype in runs.items()],
+    script = dump_script(QWEN2_TINY, IDS, SETUP, 'np.savez(out + "/outputs.npz", **seen)\n')
+    run_together([[sys.executable, "-c", script, task, dtype, str(base / task)] for task, dtype in runs.items()],
                   base)
     return {task: (base / task / "dump", dict(np.load(base / task / "outputs.npz")), base / task / "hf")
             for task in runs}
@@ -205,7 +177,7 @@ def test_written_dumps_are_read_by_msprobe_compare_which_flags_the_planted_modul
     import pandas as pd
 
     msprobe = str(Path(sys.executable).with_name("msprobe"))
-    _run_together([[msprobe, "compare", "-tp", str(dirs[task, "target"] / "dump.json"),
+    run_together([[msprobe, "compare", "-tp", str(dirs[task, "target"] / "dump.json"),
                     "-gp", str(dirs[task, "golden"] / "dump.json"), "-o", str(tmp_path / f"cmp-{task}")]
                    for task in ("tensor", "statistics")], tmp_path)
     for task, reason in (("tensor", "One Thousandth Err Ratio"), ("statistics", "NormRelativeErr")):

@@ -143,20 +143,19 @@ def compare_logits(a: str, b: str, model: str | None = None, config: str | Path 
     m = model_from_config(load_config(config_path), config_path, config_path.parent.name)
     backend = open_target(target, policy={})
     backend.check_dtype(dtype)
+    spec_of = m.param_spec()
+    if ids is None:
+        ids = np.random.default_rng(0).integers(0, m.vocab_size, (1, 16))
     logits = []
     for spec in (a, b):
         view = open_named(spec, "hf", model=model or m.model_type, config=config_path)
-        spec_of = m.param_spec()
         missing = [n for n in spec_of if n not in set(view.keys())]
         if missing:
             raise CheckpointError(f"{spec}: tensor {missing[0]} the model needs is missing"
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         params = place(backend, {n: view.get(n) for n in spec_of}, dtype, consume=True)
-        if ids is None:
-            ids = np.random.default_rng(0).integers(0, m.vocab_size, (1, 16))
         out = m.forward(backend.ops, params, backend.asarray(ids, "int64"))
         logits.append(np.asarray(backend.to_numpy(out), dtype=np.float64))
         del params
-    assert ids is not None
     got = metrics(logits[1], logits[0], dtype)
     return LogitsComparison(int(ids.shape[-1]), target, dtype, got, accel_standard("inference", dtype, got))

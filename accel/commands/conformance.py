@@ -104,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"conformance: {note}", flush=True)
     staging, identities = None, {}
     if args.dump:
-        if args.dump.exists() and (not args.dump.is_dir() or any(args.dump.iterdir())):
-            raise UsageError(f"--dump {args.dump} exists and is not empty; give a new or empty directory")
-        if not args.dump.parent.is_dir():
-            raise UsageError(f"--dump: directory {args.dump.parent} does not exist")
+        from accel.msprobe_dump import refuse_taken
+
+        refuse_taken(args.dump, "--dump")
         options.dump = str(stage_dir(args.dump))
     if args.write_golden:
         from accel.checkpoint.identity import tensor_digests

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from accel.commands._common import atomic_write, parse_ids, table
-from accel.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from accel.localise import localise
     from accel.models import load
 
-    if args.write_reference and (out := Path(args.write_reference)).exists() and (
-            not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--write-reference {out} exists and is not empty; give a new or empty directory")
+    if args.write_reference:  # refused before the work, not after it
+        from accel.msprobe_dump import refuse_taken
+
+        refuse_taken(Path(args.write_reference), "--write-reference")
     model, params = load(args.model, seed=args.seed)
     ids = parse_ids(args.input_ids) if args.input_ids else None
     result = localise(args.dump, model, params, step=args.step, rank=args.rank, input_ids=ids, every=args.all,
